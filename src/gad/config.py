@@ -1,0 +1,223 @@
+"""Typed run configuration: one YAML file per run, plus ``--set key.sub=value`` overrides.
+
+Everything is validated before any model loads. Any problem becomes one
+:class:`ConfigError` whose message names the file and the offending key; the CLI
+prints it on one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_STUDENT = "smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem the user must fix (CLI exit code 2)."""
+
+
+class _Strict(BaseModel):
+    """Base for every section: unknown keys are errors, values are not coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Message(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class DataConfig(_Strict):
+    """Where prompts (and optionally teacher responses) come from."""
+
+    path: str = Field(description="JSONL / JSON / parquet file, or a Hugging Face dataset name.")
+    split: str = Field("train", description="Split to read when `path` is a hub dataset.")
+    prompt_column: str = Field(
+        "prompt", description="Chat messages or a plain string. The official GAD data uses `content`."
+    )
+    response_column: str = Field("teacher_response", description="Teacher text, if already collected.")
+    id_column: str = Field("id", description="Stable row id; derived from a content hash when absent.")
+    max_prompt_length: int = Field(2048, gt=0, description="Prompts longer than this (tokens) are dropped and counted. Paper: 2048.")
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows (smoke tests).")
+
+
+class TeacherConfig(_Strict):
+    """An OpenAI-compatible chat endpoint (GPT-5, vLLM, llama.cpp...). Also used for the judge."""
+
+    base_url: str = Field(description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    model: str = Field(description="Model name the endpoint expects.")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="Name of the environment variable holding the key (the key itself never goes in a file)."
+    )
+    system_prompt: str | None = Field(None, description="Teacher-side system prompt, never shown to the student.")
+    context_messages: list[Message] = Field(
+        default_factory=list, description="Hidden teacher-side few-shot turns (context distillation)."
+    )
+    temperature: float = Field(0.8, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(1536, gt=0, description="Paper: max response 1536 tokens.")
+    n: int = Field(1, ge=1, description="Responses per prompt.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    max_attempts: int = Field(6, ge=1, description="Per request, before the row is recorded as failed.")
+    timeout_s: float = Field(120.0, gt=0)
+    keep_flagged: bool = Field(False, description="Keep empty / truncated / refused responses for training.")
+    price_per_1m_prompt_tokens: float | None = Field(None, ge=0)
+    price_per_1m_completion_tokens: float | None = Field(None, ge=0)
+
+
+class TrainConfig(_Strict):
+    """Hyper-parameters of the three training stages. Defaults are the paper's 7B settings."""
+
+    stage: Literal["seqkd", "warmup", "gad"] = "gad"
+    init_from: str | None = Field(
+        None, description="Generator to start from. For `gad`: the warmup output directory (generator + discriminator)."
+    )
+    discriminator: str | None = Field(None, description="Discriminator init; default: the student (or init_from's D).")
+    learning_rate: float | None = Field(None, gt=0, description="Generator lr; default 5e-6 for seqkd, 1e-6 otherwise.")
+    disc_learning_rate: float = Field(1e-6, gt=0, description="Discriminator lr (paper: 1e-6).")
+    batch_prompts: int = Field(256, gt=0, description="Prompts per optimizer step, all devices together (paper: 256).")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per device per forward pass.")
+    num_generations: int = Field(8, ge=2, description="Rollouts per prompt, N (paper: 8).")
+    temperature: float = Field(0.8, gt=0.0, description="Rollout sampling temperature (paper: 0.8).")
+    max_response_length: int = Field(1536, gt=0, description="Paper: 1536.")
+    max_grad_norm: float = Field(0.2, gt=0, description="Paper: 0.2, for G and D.")
+    epochs: float | None = Field(None, gt=0, description="Default: 1 for seqkd/warmup, 2 for gad (paper).")
+    max_steps: int = Field(-1, description="Stop after this many steps (-1: run the epochs).")
+    save_steps: int = Field(50, gt=0, description="Checkpoint interval (paper: 50).")
+    beta: float = Field(0.001, ge=0.0, description="KL coefficient, k3 estimator (paper: 0.001).")
+    epsilon: float = Field(0.2, gt=0.0, description="PPO-style clip (paper: 0.2).")
+    disc_loss: Literal["bt", "ce"] = Field("bt", description="Bradley-Terry (paper) or cross-entropy GAN loss (ablation).")
+    disc_only_steps: int = Field(10, ge=0, description="Warmup steps that update D alone (paper: 10).")
+    freeze_discriminator: bool = Field(False, description="Off-policy ablation: D is not updated during gad.")
+    gradient_checkpointing: bool = False
+    padding_free: bool = False
+    bf16: bool | None = Field(None, description="Default: on when a GPU with bf16 is present.")
+    use_vllm: bool = False
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    logging_steps: int = Field(1, gt=0)
+    trl_args: dict[str, Any] = Field(default_factory=dict, description="Passed as-is to the TRL config (advanced).")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        if self.stage != "seqkd" and self.batch_prompts * self.num_generations % self.micro_batch_size:
+            raise ValueError(
+                f"batch_prompts * num_generations ({self.batch_prompts * self.num_generations}) "
+                f"must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+
+class GenerateConfig(_Strict):
+    """Responses of a model on prompt sets (greedy by default, as in the paper)."""
+
+    model: str | None = Field(None, description="Model to generate with; default: the run's final generator.")
+    prompt_sets: list[str] = Field(default_factory=list, description="Files or built-in suite names.")
+    max_new_tokens: int = Field(1536, gt=0)
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
+    batch_size: int = Field(16, gt=0)
+
+
+class EvalConfig(_Strict):
+    """LLM-as-judge and automatic metrics."""
+
+    judge: TeacherConfig | None = None
+    distinguishability: bool = True
+
+
+class RunConfig(_Strict):
+    """A whole run: student, data, teacher, training, generation, evaluation."""
+
+    run_dir: str = Field(description="Everything this run writes goes here.")
+    seed: int = 42
+    student: str = Field(DEFAULT_STUDENT, description="Hub id, local HF dir, .gguf file, or a built-in alias.")
+    trust_remote_code: bool = Field(False, description="Off unless you trust the model repository's code.")
+    data: DataConfig
+    teacher: TeacherConfig | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``key.sub=value`` applied (value parsed as YAML)."""
+    tree = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key.sub=value, got '{item}'")
+        _set_dotted(tree, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    return tree
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{where}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith((".", "/", "~")) or Path(path).suffix in {".jsonl", ".json", ".parquet"}
+
+
+def _check_paths(cfg: RunConfig, source: str) -> None:
+    data_path = Path(cfg.data.path).expanduser()
+    if _looks_local(cfg.data.path) and not data_path.exists():
+        raise ConfigError(f"{source}: data.path: file not found: {cfg.data.path}")
+    for key, spec in (("train.init_from", cfg.train.init_from), ("train.discriminator", cfg.train.discriminator)):
+        if spec and spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists():
+            raise ConfigError(f"{source}: {key}: path not found: {spec}")
+
+
+def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a config tree; raise :class:`ConfigError` with one readable line on failure."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+    _check_paths(cfg, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML file, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_config(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def save_resolved_config(cfg: RunConfig, directory: str | Path, name: str = "config.resolved.yaml") -> Path:
+    """Write the fully resolved config next to a run's outputs (it never holds secrets: keys live in env vars)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / name
+    data = json.loads(cfg.model_dump_json())
+    out.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return out

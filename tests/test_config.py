@@ -1,0 +1,110 @@
+"""Config validation: unknown keys, wrong types, missing paths, overrides, CLI exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gad.config import ConfigError, RunConfig, apply_overrides, load_config, save_resolved_config
+
+
+def write_config(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> dict:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"id": "a", "prompt": "hi"}\n')
+    return {"run_dir": str(tmp_path / "run"), "data": {"path": str(data)}}
+
+
+def test_minimal_config_gets_paper_defaults(tmp_path: Path, base: dict) -> None:
+    cfg = load_config(write_config(tmp_path, base))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.num_generations == 8
+    assert cfg.train.beta == 0.001
+    assert cfg.train.max_grad_norm == 0.2
+    assert cfg.train.disc_only_steps == 10
+    assert cfg.student == "smollm2-135m-instruct"
+    assert cfg.trust_remote_code is False
+
+
+def test_unknown_key_is_named(tmp_path: Path, base: dict) -> None:
+    base["train"] = {"learning_rat": 1e-6}
+    with pytest.raises(ConfigError, match=r"train\.learning_rat: unknown key"):
+        load_config(write_config(tmp_path, base))
+
+
+def test_wrong_type_is_named(tmp_path: Path, base: dict) -> None:
+    base["train"] = {"num_generations": "eight"}
+    with pytest.raises(ConfigError, match=r"run\.yaml: train\.num_generations"):
+        load_config(write_config(tmp_path, base))
+
+
+def test_missing_data_file(tmp_path: Path, base: dict) -> None:
+    base["data"]["path"] = str(tmp_path / "nope.jsonl")
+    with pytest.raises(ConfigError, match="data.path: file not found"):
+        load_config(write_config(tmp_path, base))
+
+
+def test_missing_required_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data: Field required"):
+        load_config(write_config(tmp_path, {"run_dir": "x"}))
+
+
+def test_batch_not_divisible(tmp_path: Path, base: dict) -> None:
+    base["train"] = {"batch_prompts": 3, "num_generations": 2, "micro_batch_size": 4}
+    with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
+        load_config(write_config(tmp_path, base))
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path, base: dict) -> None:
+    cfg = load_config(write_config(tmp_path, base), ["train.learning_rate=2e-6", "train.report_to=[]", "seed=7"])
+    assert cfg.train.learning_rate == 2e-6 and cfg.train.report_to == [] and cfg.seed == 7
+
+
+def test_override_errors() -> None:
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["novalue"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("run_dir: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_resolved_config_roundtrip(tmp_path: Path, base: dict) -> None:
+    cfg = load_config(write_config(tmp_path, base))
+    out = save_resolved_config(cfg, tmp_path / "out")
+    again = load_config(out)
+    assert again == cfg
+
+
+def test_cli_bad_config_one_line_exit_2(tmp_path: Path, base: dict) -> None:
+    base["bogus"] = 1
+    path = write_config(tmp_path, base)
+    proc = subprocess.run([sys.executable, "-m", "gad.cli", "collect", "--config", str(path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "bogus: unknown key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_help_lists_subcommands() -> None:
+    proc = subprocess.run([sys.executable, "-m", "gad.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    for name in ("collect", "train", "generate", "eval", "report", "quickstart"):
+        assert name in proc.stdout
+    version = subprocess.run([sys.executable, "-m", "gad.cli", "--version"], capture_output=True, text=True)
+    assert version.stdout.startswith("gad ")
