@@ -23,28 +23,32 @@ def _load(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
+    cfg = _load(args)
     from gad.collect import run_collect
 
-    return run_collect(_load(args))
+    return run_collect(cfg)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage else [])
+    cfg = load_config(args.config, overrides)
     from gad.trainers import run_stage
 
-    overrides = list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage else [])
-    return run_stage(load_config(args.config, overrides), resume=args.resume)
+    return run_stage(cfg, resume=args.resume)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
     from gad.evaluation.generate import run_generate
 
-    return run_generate(_load(args), model=args.model, sweep=args.sweep)
+    return run_generate(cfg, model=args.model, sweep=args.sweep)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    cfg = _load(args)
     from gad.evaluation.evaluate import run_eval
 
-    return run_eval(_load(args))
+    return run_eval(cfg)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
