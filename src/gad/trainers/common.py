@@ -1,0 +1,180 @@
+"""What the three stages share: data, TRL arguments, metrics.jsonl, complete checkpoints, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from gad.config import ConfigError, RunConfig
+from gad.data import filter_long_prompts, load_records
+
+log = logging.getLogger(__name__)
+
+# Paper values: SeqKD lr 5e-6, G and D 1e-6; warmup 1 epoch, GAD 2 epochs. SeqKD gets 3 epochs, the
+# same number of passes over the teacher data as warmup + GAD (see docs/decisions.md).
+DEFAULT_LR = {"seqkd": 5e-6, "warmup": 1e-6, "gad": 1e-6}
+DEFAULT_EPOCHS = {"seqkd": 3.0, "warmup": 1.0, "gad": 2.0}
+COMPLETE_MARKER = "COMPLETE"
+DISCRIMINATOR_DIR = "discriminator"
+
+# TRL / Trainer log keys -> the names this project documents (both are kept in metrics.jsonl).
+METRIC_ALIASES = {
+    "reward": "reward_mean",
+    "loss": "policy_loss",
+    "grad_norm": "grad_norm_g",
+    "completions/mean_length": "len_mean",
+    "completions/max_length": "len_max",
+    "completions/clipped_ratio": "truncated_frac",
+}
+
+
+def stage_dir(cfg: RunConfig, stage: str) -> Path:
+    return Path(cfg.run_dir) / stage
+
+
+def training_records(cfg: RunConfig, tokenizer: Any) -> list[dict[str, Any]]:
+    """Prompts with a teacher response: ``<run_dir>/teacher.jsonl`` if collected, else ``data.path``."""
+    collected = Path(cfg.run_dir) / "teacher.jsonl"
+    if collected.exists():
+        from gad.collect import load_collected
+
+        rows = load_collected(cfg)
+    else:
+        rows = [r for r in load_records(cfg.data) if r.get("teacher_response")]
+    if not rows:
+        raise ConfigError(
+            f"no teacher responses for training: run `gad collect` first (writes {collected}) "
+            f"or point data.path at rows with a '{cfg.data.response_column}' column"
+        )
+    rows, _ = filter_long_prompts(rows, tokenizer, cfg.data.max_prompt_length)
+    return [{"id": r["id"], "prompt": r["prompt"], "teacher_response": r["teacher_response"]} for r in rows]
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gradient_accumulation(sequences_per_step: int, micro_batch_size: int) -> int:
+    """Micro-batches each process runs per optimizer step; the global batch must split evenly."""
+    per_pass = micro_batch_size * world_size()
+    if sequences_per_step % per_pass:
+        raise ConfigError(
+            f"train: {sequences_per_step} sequences per step do not split into micro batches of "
+            f"{micro_batch_size} x {world_size()} processes"
+        )
+    return sequences_per_step // per_pass
+
+
+def check_enough_prompts(n_prompts: int, batch_prompts: int) -> None:
+    if n_prompts < batch_prompts:
+        raise ConfigError(
+            f"train.batch_prompts={batch_prompts} but only {n_prompts} prompts have a teacher response: "
+            "lower batch_prompts or add data"
+        )
+
+
+def trainer_args(cfg: RunConfig, stage: str, sequences_per_step: int) -> dict[str, Any]:
+    """Arguments every stage passes to its TRL config."""
+    t = cfg.train
+    cuda = torch.cuda.is_available()
+    bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    args = dict(
+        output_dir=str(stage_dir(cfg, stage)),
+        seed=cfg.seed,
+        learning_rate=t.learning_rate or DEFAULT_LR[stage],
+        num_train_epochs=t.epochs or DEFAULT_EPOCHS[stage],
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(sequences_per_step, t.micro_batch_size),
+        max_grad_norm=t.max_grad_norm,
+        lr_scheduler_type="constant",
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        logging_steps=t.logging_steps,
+        report_to=t.report_to,
+        bf16=bf16,
+        use_cpu=not cuda,
+        gradient_checkpointing=t.gradient_checkpointing,
+        trust_remote_code=cfg.trust_remote_code,
+        model_init_kwargs={"dtype": torch.bfloat16 if bf16 else torch.float32},
+        disable_tqdm=False,
+    )
+    args.update(t.trl_args)
+    return args
+
+
+class MetricsJsonl(TrainerCallback):
+    """Append every log event to ``metrics.jsonl`` (main process), with the project's metric names."""
+
+    def __init__(self, path: Path, stage: str) -> None:
+        self.path = path
+        self.stage = stage
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        row: dict[str, Any] = {"stage": self.stage, "step": state.global_step, **logs}
+        for src, dst in METRIC_ALIASES.items():
+            if src in logs:
+                row[dst] = logs[src]
+        for key in [k for k in row if k.startswith("rewards/")]:
+            row.pop(key)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+class CompleteCheckpointMixin:
+    """A checkpoint counts only once its ``COMPLETE`` marker exists, written after everything else.
+
+    transformers writes ``checkpoint-N`` in place; a run killed mid-save leaves a partial
+    folder without the marker, which resume ignores, so the last good checkpoint stays usable.
+    Subclasses add their own files in :meth:`save_extra_state`.
+    """
+
+    def save_extra_state(self, checkpoint_dir: Path) -> None:
+        """Hook for more state in each checkpoint (runs before the marker)."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        ckpt = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
+        self.save_extra_state(ckpt)
+        if self.args.should_save:  # type: ignore[attr-defined]
+            mark_complete(ckpt)
+
+
+def mark_complete(directory: Path) -> None:
+    with (directory / COMPLETE_MARKER).open("w") as fh:
+        fh.write("ok\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / COMPLETE_MARKER).is_file()
+
+
+def resolve_resume(out_dir: Path, resume: str | None) -> str | None:
+    """``latest`` -> newest complete ``checkpoint-N`` (partial ones are removed); a path -> itself."""
+    if resume is None:
+        return None
+    if resume != "latest":
+        if not is_complete(Path(resume)):
+            raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+        return resume
+    found = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    complete = [p for p in found if is_complete(p)]
+    for partial in (p for p in found if not is_complete(p)):
+        log.warning("removing partial checkpoint %s (killed while saving)", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+    if not complete:
+        log.warning("--resume: no complete checkpoint in %s, starting from scratch", out_dir)
+        return None
+    return str(complete[-1])
