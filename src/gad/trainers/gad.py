@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import get_constant_schedule
+from transformers import get_constant_schedule, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from gad.config import RunConfig, save_resolved_config
@@ -254,6 +254,7 @@ def _stage_models(cfg: RunConfig, stage: str) -> tuple[str, str]:
 def run_gad_stage(cfg: RunConfig, stage: str, resume: str | None = None) -> Path:
     """Train ``warmup`` or ``gad``; export ``<run_dir>/<stage>/final`` (generator + discriminator/)."""
     assert stage in ("warmup", "gad")
+    set_seed(cfg.seed)  # before D's new head is initialised, so runs (and resumes) are reproducible
     out_dir = stage_dir(cfg, stage)
     generator_spec, d_spec = _stage_models(cfg, stage)
     generator = resolve_model_path(generator_spec)
