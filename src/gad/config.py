@@ -119,16 +119,38 @@ class GenerateConfig(_Strict):
 
     model: str | None = Field(None, description="Model to generate with; default: the run's final generator.")
     prompt_sets: list[str] = Field(default_factory=list, description="Files or built-in suite names.")
-    max_new_tokens: int = Field(1536, gt=0)
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy.")
-    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(1536, gt=0, description="Paper: 1536.")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy (the paper's evaluation).")
+    batch_size: int = Field(16, gt=0, description="Prompts per generate() call (HF backend).")
+    limit: int | None = Field(None, gt=0, description="Use only the first N prompts of each set (smoke tests).")
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="auto: vLLM when installed and a GPU is present, else Hugging Face generate."
+    )
 
 
 class EvalConfig(_Strict):
     """LLM-as-judge and automatic metrics."""
 
-    judge: TeacherConfig | None = None
-    distinguishability: bool = True
+    judge: TeacherConfig | None = Field(
+        None, description="OpenAI-compatible judge endpoint (paper: GPT-4o). None: no judge score."
+    )
+    models: list[str] = Field(
+        default_factory=list, description="Model tags under <run_dir>/generations/ to evaluate; empty: all of them."
+    )
+    judge_both_orders: bool = Field(True, description="Rate each pair in both orders and average (removes position bias).")
+    judge_temperature: float = Field(0.0, ge=0.0, description="Ratings are greedy, so reruns reproduce them.")
+    judge_max_tokens: int = Field(512, gt=0, description="Room for a short justification plus the ratings line.")
+    judge_retries: int = Field(
+        2, ge=0, description="Extra samples (temperature 0.7) for an unparseable rating before it is counted as such."
+    )
+    collect_teacher: bool = Field(
+        True, description="Ask `teacher` (if set) for its responses on the eval prompts when none are stored."
+    )
+    teacher_model: str | None = Field(
+        None, description="Local HF copy of the teacher, for white-box log-likelihood diagnostics (uses teacher.context_messages)."
+    )
+    loglik_max_examples: int | None = Field(200, gt=0, description="Prompts per suite for the log-likelihood diagnostics (CPU cost).")
+    distinguishability: bool = Field(True, description="Train a fresh classifier to tell teacher from candidate (50% = indistinguishable).")
 
 
 class RunConfig(_Strict):

@@ -1,0 +1,100 @@
+"""White-box diagnostics: mean per-token log-likelihood of responses under a local model.
+
+Two directions, when a local copy of the teacher exists:
+
+- candidate responses under the teacher (with the teacher's hidden context): does the student
+  say what the teacher would say? (mode-seeking view; higher is better)
+- teacher responses under the candidate (student prompt only): does the student cover what
+  the teacher says? (mode-covering view; higher is better)
+
+A response is scored as the model would have produced it: prompt rendered with the chat template
+and generation prompt, then the response text encoded on its own, then the end-of-turn token if the
+response finished (a truncated response has none). Values are per token of each model's own
+tokenizer, so compare them across checkpoints of one model, not across tokenizers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["encode_pair", "response_logprobs", "mean_loglik", "teacher_loglik", "candidate_loglik"]
+
+Messages = list[dict[str, str]]
+
+
+def encode_pair(tokenizer: Any, prompt: Messages, response: str, finished: bool = True,
+                context: Sequence[dict[str, str]] | None = None) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, response_ids)`` with ``context`` messages placed before the prompt."""
+    messages = [dict(m) for m in (context or [])] + [dict(m) for m in prompt]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = "\n".join(m["content"] for m in messages) + "\n"
+    prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response.strip(), add_special_tokens=False)["input_ids"]  # same strip as teacher text
+    if finished and tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids, response_ids
+
+
+@torch.no_grad()
+def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str],
+                      finished: Sequence[bool] | None = None, context: Sequence[dict[str, str]] | None = None,
+                      batch_size: int = 8) -> list[tuple[float, int]]:
+    """Per example ``(sum of response-token log-probs, number of response tokens)``."""
+    finished = finished if finished is not None else [True] * len(prompts)
+    pairs = [encode_pair(tokenizer, p, r, f, context) for p, r, f in zip(prompts, responses, finished)]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    out: list[tuple[float, int]] = []
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            seqs = [p + r for p, r in chunk]
+            width = max(len(s) for s in seqs)
+            # Right padding: positions (and so rotary embeddings) match an unpadded forward pass.
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for i, s in enumerate(seqs):
+                ids[i, : len(s)] = torch.tensor(s)
+                mask[i, : len(s)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+            for i, (p, r) in enumerate(chunk):
+                # Token t is predicted at position t-1.
+                lp = logp[i, len(p) - 1 : len(p) - 1 + len(r)]
+                out.append((float(lp.sum()), len(r)))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def mean_loglik(model: Any, tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str],
+                finished: Sequence[bool] | None = None, context: Sequence[dict[str, str]] | None = None,
+                batch_size: int = 8) -> dict[str, float | int | None]:
+    """``mean_token_loglik`` (all tokens pooled), ``mean_response_loglik`` (per-response means averaged), counts."""
+    scores = [s for s in response_logprobs(model, tokenizer, prompts, responses, finished, context, batch_size) if s[1] > 0]
+    tokens = sum(n for _, n in scores)
+    return {
+        "mean_token_loglik": sum(s for s, _ in scores) / tokens if tokens else None,
+        "mean_response_loglik": sum(s / n for s, n in scores) / len(scores) if scores else None,
+        "tokens": tokens,
+        "count": len(scores),
+    }
+
+
+def teacher_loglik(teacher: Any, teacher_tokenizer: Any, prompts: Sequence[Messages], candidate_responses: Sequence[str],
+                   teacher_context: Sequence[dict[str, str]] | None = None, finished: Sequence[bool] | None = None,
+                   batch_size: int = 8) -> dict[str, float | int | None]:
+    """Candidate responses scored by the local teacher, with the teacher-side context before each prompt."""
+    return mean_loglik(teacher, teacher_tokenizer, prompts, candidate_responses, finished, teacher_context, batch_size)
+
+
+def candidate_loglik(candidate: Any, tokenizer: Any, prompts: Sequence[Messages], teacher_responses: Sequence[str],
+                     finished: Sequence[bool] | None = None, batch_size: int = 8) -> dict[str, float | int | None]:
+    """Teacher responses scored by the candidate, which sees the student prompt only."""
+    return mean_loglik(candidate, tokenizer, prompts, teacher_responses, finished, None, batch_size)

@@ -1,0 +1,57 @@
+"""Distinguishability: a fresh classifier, split by prompt, with a Wilson interval."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from gad.evaluation.distinguish import distinguishability, featurize, wilson_interval
+
+WORDS = "the a cat dog sat ran on over mat hill quickly slowly green red house tree".split()
+
+
+def _sentences(seed: int, n: int, prefix: str = "") -> list[str]:
+    rng = random.Random(seed)
+    return [prefix + " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20))) + "." for _ in range(n)]
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and 0.69 < lo < 0.73
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_featurize_is_stable_and_sparse():
+    a = featurize(["Hello world", "Hello world"], dim=1024).to_dense()
+    assert a.shape == (2, 1024)
+    assert (a[0] == a[1]).all() and (a[0] != 0).sum() > 3
+
+
+def test_style_is_detected():
+    teacher = _sentences(0, 60, prefix="Certainly! Here is my answer:\n")
+    student = _sentences(1, 60)
+    res = distinguishability(teacher, student, seed=0)
+    assert res["accuracy"] > 0.9
+    assert res["ci_low"] > 0.5  # clearly distinguishable
+    assert res["n_test"] == 120 and res["n_prompts"] == 60 and len(res["fold_accuracy"]) == 2
+
+
+def test_same_distribution_is_near_chance():
+    res = distinguishability(_sentences(2, 60), _sentences(3, 60), seed=0)
+    assert res["ci_low"] < 0.5 < res["ci_high"]
+
+
+def test_identical_pairs_give_exactly_chance():
+    # Both responses to a prompt are in the same half, and identical texts get identical scores:
+    # exactly one of the two is classified correctly, whatever the classifier learned.
+    texts = _sentences(4, 20)
+    assert distinguishability(texts, list(texts))["accuracy"] == pytest.approx(0.5)
+
+
+def test_too_few_prompts_and_misaligned_input():
+    assert distinguishability(["a", "b"], ["c", "d"])["accuracy"] is None
+    with pytest.raises(ValueError):
+        distinguishability(["a"], ["b", "c"])

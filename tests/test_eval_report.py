@@ -1,0 +1,158 @@
+"""A real short training run (warmup + gad on a tiny model) -> checkpoint sweep -> eval -> report.
+
+The report's images are checked three ways: the PNG files decode (PIL), every ``<img>`` in the
+HTML is an embedded base64 PNG that decodes, and, where Debian's ``chromium`` is installed, a
+headless browser loads them all (bench/eval_report_browser.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from gad import cli
+from gad.config import parse_config
+from gad.data import read_jsonl, write_jsonl
+from gad.evaluation.evaluate import evaluate_run
+from gad.evaluation.generate import run_generate
+from gad.evaluation.report import plot_training_curves, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+VICUNA = ROOT.parent / "shared" / "data" / "vicuna80.jsonl"
+TOPICS = ["rain", "tea", "bikes", "maps"]
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.srcs: list[str] = []
+        self.scripts = 0
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.srcs.append(a.get("src", ""))
+        if tag == "script":
+            self.scripts += 1
+        for key in ("href", "src"):
+            if a.get(key, "").startswith(("http:", "https:", "//")):
+                self.external.append(a[key])
+
+
+def _decode_png(data: bytes) -> tuple[int, int]:
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG"
+    img.load()  # full decode, not only the header
+    return img.size
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir):
+    """warmup (2 steps) then gad (2 steps) with the real trainers; checkpoints at step 2 + final."""
+    from gad.trainers import train_stage
+
+    root = tmp_path_factory.mktemp("report")
+    data = root / "train.jsonl"
+    write_jsonl(data, [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"One fact about {t}?"}],
+                        "teacher_response": f"In short: {t} is interesting."} for i, t in enumerate(TOPICS)])
+    raw = {
+        "run_dir": str(root / "run"), "seed": 1, "student": str(tiny_model_dir),
+        "data": {"path": str(data), "max_prompt_length": 128},
+        "train": {"batch_prompts": 2, "num_generations": 2, "micro_batch_size": 2, "max_response_length": 8,
+                  "max_steps": 2, "save_steps": 2, "disc_only_steps": 1, "report_to": [],
+                  "learning_rate": 1e-4, "disc_learning_rate": 1e-4},
+        # Sampled: a tiny random model's greedy output is whitespace only, which would leave nothing to score.
+        "generate": {"prompt_sets": [str(VICUNA)], "limit": 4, "max_new_tokens": 6, "batch_size": 4, "temperature": 1.0},
+        "eval": {"teacher_model": str(tiny_model_dir), "loglik_max_examples": 4},
+    }
+    for stage in ("warmup", "gad"):
+        train_stage(parse_config({**raw, "train": {**raw["train"], "stage": stage}}))
+    return parse_config(raw)
+
+
+def test_sweep_eval_report(trained_run):
+    cfg = trained_run
+    run = Path(cfg.run_dir)
+    assert (run / "warmup" / "metrics.jsonl").is_file() and (run / "gad" / "metrics.jsonl").is_file()
+
+    assert run_generate(cfg, sweep=str(run)) == 0
+    tags = sorted(p.name for p in (run / "generations").iterdir())
+    assert tags == ["gad-final", "gad-step2", "warmup-final", "warmup-step2"]
+    # The teacher's answers to the eval prompts (as `gad eval` would fetch them from the endpoint).
+    prompts = read_jsonl(run / "generations" / "gad-final" / "vicuna80.jsonl")
+    write_jsonl(run / "generations" / "teacher" / "vicuna80.jsonl",
+                [{"id": r["id"], "prompt": r["prompt"], "response": f"In short: answer {i} to the question, café 你好.",
+                  "num_tokens": 9, "finish_reason": "stop", "model": "teacher"} for i, r in enumerate(prompts)])
+
+    res = evaluate_run(cfg)
+    saved = json.loads((run / "eval" / "results.json").read_text())
+    assert saved["models"] == ["warmup-step2", "warmup-final", "gad-step2", "gad-final", "teacher"]
+    assert saved["suites"] == ["vicuna80"]
+    m = saved["results"]["gad-final"]["vicuna80"]
+    assert m["n"] == 4 and 0.0 <= m["rouge_l"] <= 1.0 and set(m["ngram_f1"]) == {"1", "2", "3", "4", "5", "6"}
+    assert m["length"]["count"] == 4 and 0.0 <= m["truncated_frac"] <= 1.0
+    assert m["distinguishability"]["n_test"] == 8 and 0.0 <= m["distinguishability"]["accuracy"] <= 1.0
+    assert m["loglik"]["under_teacher"]["mean_token_loglik"] < 0 and m["loglik"]["under_teacher"]["tokens"] > 0
+    assert m["loglik"]["teacher_under_model"]["mean_token_loglik"] < 0
+    assert "rouge_l" not in saved["results"]["teacher"]["vicuna80"]  # not scored against itself
+    assert len(read_jsonl(run / "eval" / "gad-final" / "vicuna80.jsonl")) == 4
+    assert res["results"].keys() == saved["results"].keys()
+
+    assert cli.main(["report", str(run)]) == 0
+    out = run / "report"
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "| model |" in md and "gad-final" in md and "ROUGE-L" in md
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["curves_run.png", "lengths_vicuna80.png"]
+    for name in pngs:
+        assert f"]({name})" in md
+        w, h = _decode_png((out / name).read_bytes())
+        assert w > 200 and h > 100
+
+    html_text = (out / "report.html").read_text(encoding="utf-8")
+    parser = _Images()
+    parser.feed(html_text)
+    assert len(parser.srcs) == 2 and parser.scripts == 0 and parser.external == []  # self-contained
+    for src in parser.srcs:
+        assert src.startswith("data:image/png;base64,")
+        assert _decode_png(base64.b64decode(src.split(",", 1)[1], validate=True))[0] > 200
+    assert "café 你好" in html_text  # examples, escaped, UTF-8
+    assert "<h2>Examples</h2>" in html_text
+
+
+def test_headless_browser_loads_images(trained_run):
+    out = Path(trained_run.run_dir) / "report"
+    if not (out / "report.html").is_file():
+        pytest.skip("report not written (test_sweep_eval_report failed)")
+    script = ROOT / "bench" / "eval_report_browser.py"
+    proc = subprocess.run([sys.executable, str(script), str(out / "report.html")], capture_output=True, text=True, timeout=180)
+    if proc.returncode == 77:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, result
+    assert result["images"] == result["loaded"] == 2
+
+
+def test_curves_tolerate_missing_keys_and_bad_lines(tmp_path):
+    from gad.evaluation.report import load_run
+
+    run = tmp_path / "run"
+    (run / "seqkd").mkdir(parents=True)
+    (run / "seqkd" / "metrics.jsonl").write_text(
+        '{"step": 1, "sft_loss": 2.0}\n{"step": 2}\nnot json\n{"step": 3, "sft_loss": NaN, "len_mean": 5}\n')
+    loaded = load_run(run)
+    assert [r["step"] for r in loaded["metrics"]["seqkd"]] == [1, 2, 3]
+    assert plot_training_curves(loaded["metrics"], tmp_path / "c.png").is_file()
+    assert plot_training_curves({"seqkd": [{"step": 1}]}, tmp_path / "none.png") is None
+    paths = write_report([run], tmp_path / "rep")  # no eval results, no generations: still a report
+    assert "no eval/results.json" in paths["markdown"].read_text()
+    assert len(paths["images"]) == 1
