@@ -55,3 +55,17 @@ def test_too_few_prompts_and_misaligned_input():
     assert distinguishability(["a", "b"], ["c", "d"])["accuracy"] is None
     with pytest.raises(ValueError):
         distinguishability(["a"], ["b", "c"])
+
+
+def test_discriminator_classifier_same_protocol(tiny_model_dir):
+    from gad.evaluation.distinguish import discriminator_distinguishability
+
+    prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(6)]
+    texts = _sentences(5, 6)
+    # Identical responses get identical scores from any model: exactly chance, by construction.
+    res = discriminator_distinguishability(str(tiny_model_dir), prompts, texts, list(texts), epochs=1, batch_size=4)
+    assert res["accuracy"] == pytest.approx(0.5) and res["n_test"] == 12
+    assert res["classifier"].startswith("discriminator")
+    styled = discriminator_distinguishability(str(tiny_model_dir), prompts, [t + " Hope this helps!" for t in texts],
+                                              texts, epochs=1, batch_size=4)
+    assert 0.0 <= styled["accuracy"] <= 1.0 and styled["ci_low"] <= styled["accuracy"] <= styled["ci_high"]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gad.config import Message, TeacherConfig, parse_config
+from gad.config import TeacherConfig, parse_config
 from gad.data import read_jsonl, write_jsonl
-from gad.evaluation.judge import judge_pairs, judge_references, parse_ratings, rating_messages
+from gad.evaluation.judge import format_demo_messages, judge_pairs, judge_references, parse_ratings, rating_messages
 from gad.teacher import Completion
 
 VICUNA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna80.jsonl"
@@ -121,18 +121,6 @@ def test_rating_prompt_shows_the_whole_conversation():
 # ---------------------------------------------------------------- real server
 
 
-def _judge_demos() -> list[Message]:
-    """A small judge follows a format from demonstrations much better than from instructions alone."""
-    d1 = rating_messages([{"role": "user", "content": "What is the capital of France?"}],
-                         "The capital of France is Paris.", "I like turtles.")[0]["content"]
-    d2 = rating_messages([{"role": "user", "content": "Give me a tip for better sleep."}],
-                         "no", "Keep a regular bedtime and avoid screens late at night.")[0]["content"]
-    return [Message(role="user", content=d1),
-            Message(role="assistant", content="A answers the question correctly; B is off-topic.\nRatings: A=9, B=1"),
-            Message(role="user", content=d2),
-            Message(role="assistant", content="A is unhelpful; B gives a useful, concrete tip.\nRatings: A=2, B=8")]
-
-
 @pytest.mark.server
 def test_judge_end_to_end_real_server(tmp_path, tiny_model_dir):
     from gad.evaluation.evaluate import evaluate_run
@@ -143,20 +131,26 @@ def test_judge_end_to_end_real_server(tmp_path, tiny_model_dir):
     write_jsonl(run / "generations" / "cand" / "vicuna80.jsonl", [
         {"id": p["id"], "prompt": p["prompt"], "response": text, "num_tokens": 5, "finish_reason": "stop", "model": "cand"}
         for p, text in zip(prompts, ["Plan your day, set priorities, and limit distractions.", "I don't know."])])
-    write_jsonl(run / "generations" / "teacher" / "vicuna80.jsonl", [
-        {"id": p["id"], "prompt": p["prompt"], "response": "Sleep well, exercise, and plan ahead.", "num_tokens": 8,
-         "finish_reason": "stop", "model": "teacher"} for p in prompts])
 
     with LlamaServer(n_ctx=4096) as server:
-        judge = {"base_url": server.base_url, "model": server.model, "api_key_env": None, "max_tokens": 40,
-                 "concurrency": 2, "timeout_s": 120.0, "context_messages": [m.model_dump() for m in _judge_demos()]}
+        endpoint = {"base_url": server.base_url, "model": server.model, "api_key_env": None, "concurrency": 2,
+                    "timeout_s": 120.0}
+        # A 135M judge copies a demonstrated format (it ignores the instruction alone).
+        judge = {**endpoint, "max_tokens": 40, "context_messages": format_demo_messages()}
         cfg = parse_config({
             "run_dir": str(run), "student": str(tiny_model_dir), "data": {"path": str(VICUNA)},
+            # The teacher's answers to the eval prompts are fetched from the endpoint (one client, two roles).
+            "teacher": {**endpoint, "temperature": 0.0, "max_tokens": 24},
             "generate": {"prompt_sets": [str(VICUNA)], "limit": 2},
             "eval": {"judge": judge, "judge_max_tokens": 32, "judge_retries": 1, "distinguishability": False},
         })
         first = evaluate_run(cfg)
         second = evaluate_run(cfg)  # everything cached: not one request
+
+    teacher_rows = read_jsonl(run / "generations" / "teacher" / "vicuna80.jsonl")
+    assert [r["id"] for r in teacher_rows] == [p["id"] for p in prompts] and all(r["response"] for r in teacher_rows)
+    assert (run / "teacher_cache.sqlite").is_file()
+    assert 0.0 <= first["results"]["cand"]["vicuna80"]["rouge_l"] <= 1.0  # scored against the fetched answers
 
     # References written by the judge, one per prompt.
     refs = read_jsonl(run / "eval" / "judge_references" / "vicuna80.jsonl")
@@ -188,3 +182,10 @@ def test_judge_end_to_end_real_server(tmp_path, tiny_model_dir):
     for tag in ("cand", "teacher"):
         a, b = first["results"][tag]["vicuna80"]["judge"], second["results"][tag]["vicuna80"]["judge"]
         assert b["requests"] == 0 and {**a, "requests": 0} == b
+
+
+def test_format_demos_parse_and_validate():
+    demos = format_demo_messages()
+    assert [m["role"] for m in demos] == ["user", "assistant"] * 2
+    assert [parse_ratings(m["content"]) for m in demos[1::2]] == [(9.0, 1.0), (2.0, 8.0)]
+    TeacherConfig(base_url="http://127.0.0.1:1/v1", model="m", context_messages=demos)  # valid config value

@@ -151,6 +151,10 @@ class EvalConfig(_Strict):
     )
     loglik_max_examples: int | None = Field(200, gt=0, description="Prompts per suite for the log-likelihood diagnostics (CPU cost).")
     distinguishability: bool = Field(True, description="Train a fresh classifier to tell teacher from candidate (50% = indistinguishable).")
+    distinguish_classifier: Literal["ngram", "discriminator"] = Field(
+        "ngram", description="ngram: hashed n-gram logistic regression (seconds). discriminator: the GAD "
+        "discriminator freshly initialised from the student (a full LM per fold; use a GPU)."
+    )
 
 
 class RunConfig(_Strict):

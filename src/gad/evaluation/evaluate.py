@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -36,8 +37,20 @@ TEACHER_TAG = "teacher"
 MAX_N = 6
 
 
+def _finite(obj: Any) -> Any:
+    """NaN / inf become None: strict JSON, and a missing value is not mistaken for a number."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Atomic JSON write (temp file, fsync, rename): a crash never leaves half a results file."""
+    obj = _finite(obj)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -120,13 +133,13 @@ def _load_generations(cfg: RunConfig, tag: str, suite: Suite) -> dict[str, dict[
     return {r["id"]: r for r in read_jsonl(path)} if path.is_file() else None
 
 
-def _generation_model_path(cfg: RunConfig, tag: str, suite: Suite) -> str | None:
+def _generation_model(cfg: RunConfig, tag: str, suite: Suite) -> str | None:
+    """The model spec that wrote a generations file (from its meta), if known."""
     meta = generations_path(cfg.run_dir, tag, suite.name).with_suffix(".meta.json")
     try:
-        model = json.loads(meta.read_text(encoding="utf-8")).get("model")
+        return json.loads(meta.read_text(encoding="utf-8")).get("model") or None
     except (OSError, json.JSONDecodeError):
         return None
-    return model if model and Path(model).is_dir() else None
 
 
 def _text_metrics(rows: dict[str, dict[str, Any]], ids: list[str], teacher: dict[str, dict[str, Any]] | None,
@@ -189,12 +202,16 @@ def _loglik_metrics(cfg: RunConfig, lctx: _LoglikContext, tag: str, suite: Suite
     out["under_teacher"] = teacher_loglik(lctx.model, lctx.tokenizer, [prompts[i] for i in ids],
                                           [rows[i]["response"] for i in ids], lctx.context,
                                           finished=[rows[i].get("finish_reason") != "length" for i in ids])
-    model_path = _generation_model_path(cfg, tag, suite)
-    if teacher is not None and model_path and tag != TEACHER_TAG:
+    spec = _generation_model(cfg, tag, suite)
+    if teacher is not None and spec and tag != TEACHER_TAG:
         t_ids = [i for i in ids if i in teacher]
-        model = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
         try:
-            tok = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
+            model = load_causal_lm(spec, trust_remote_code=cfg.trust_remote_code)
+        except (OSError, ValueError) as err:  # ConfigError is a ValueError; a moved checkpoint, no hub access
+            log.warning("%s: cannot load %s for the teacher-under-model diagnostic: %s", tag, spec, err)
+            return out
+        try:
+            tok = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError, TypeError):
             tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
         out["teacher_under_model"] = candidate_loglik(model, tok, [prompts[i] for i in t_ids],
@@ -206,7 +223,7 @@ def _loglik_metrics(cfg: RunConfig, lctx: _LoglikContext, tag: str, suite: Suite
 
 def evaluate_run(cfg: RunConfig) -> dict[str, Any]:
     """Compute every metric for every (model, suite); write results and details; return the results."""
-    from gad.evaluation.distinguish import distinguishability
+    from gad.evaluation.distinguish import discriminator_distinguishability, distinguishability
     from gad.evaluation.judge import JudgeClient, judge_pairs, judge_references
 
     run_dir = Path(cfg.run_dir)
@@ -256,8 +273,12 @@ def evaluate_run(cfg: RunConfig) -> dict[str, Any]:
                     details[d["id"]]["judge"] = {k: v for k, v in d.items() if k != "id"}
             if teacher is not None and tag != TEACHER_TAG and ev.distinguishability:
                 both = [i for i in have if i in teacher and teacher[i]["response"]]
-                metrics["distinguishability"] = distinguishability([teacher[i]["response"] for i in both],
-                                                                   [rows[i]["response"] for i in both], seed=cfg.seed)
+                t_texts, c_texts = [teacher[i]["response"] for i in both], [rows[i]["response"] for i in both]
+                if ev.distinguish_classifier == "discriminator":
+                    metrics["distinguishability"] = discriminator_distinguishability(
+                        cfg.student, [by_id[i]["prompt"] for i in both], t_texts, c_texts, seed=cfg.seed)
+                else:
+                    metrics["distinguishability"] = distinguishability(t_texts, c_texts, seed=cfg.seed)
             if lctx is not None:
                 metrics["loglik"] = _loglik_metrics(cfg, lctx, tag, suite, rows, have, teacher)
             write_jsonl(run_dir / "eval" / tag / f"{suite.name}.jsonl", [details[i] for i in have])

@@ -57,10 +57,12 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 
 def _progress(desc: str, total: int):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    # stderr: stdout stays free for what a command prints as its result.
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
     return progress, progress.add_task(desc, total=total)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "JudgeClient",
     "render_conversation",
     "rating_messages",
+    "format_demo_messages",
     "parse_ratings",
     "judge_references",
     "judge_pairs",
@@ -76,6 +77,26 @@ def rating_messages(prompt: Messages, answer_a: str, answer_b: str) -> Messages:
     text = RATING_TEMPLATE.format(conversation=render_conversation(prompt), answer_a=answer_a or "(empty answer)",
                                   answer_b=answer_b or "(empty answer)")
     return [{"role": "user", "content": text}]
+
+
+def format_demo_messages() -> Messages:
+    """Two worked rating turns to use as a small local judge's ``context_messages``.
+
+    A 100M-class judge ignores the format instruction but copies a demonstrated format; a strong
+    judge (the paper's GPT-4o) needs none. The demos are rated at the extremes on purpose, so they
+    anchor the scale without suggesting a typical score.
+    """
+    demos = [
+        ("What is the capital of France?", "The capital of France is Paris.", "I like turtles.",
+         "A answers the question correctly; B is off-topic.\nRatings: A=9, B=1"),
+        ("Give me a tip for better sleep.", "no", "Keep a regular bedtime and avoid screens late at night.",
+         "A is unhelpful; B gives a useful, concrete tip.\nRatings: A=2, B=8"),
+    ]
+    out: Messages = []
+    for question, a, b, verdict in demos:
+        out += rating_messages([{"role": "user", "content": question}], a, b)
+        out.append({"role": "assistant", "content": verdict})
+    return out
 
 
 def _in_range(a: float, b: float) -> bool:

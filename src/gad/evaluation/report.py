@@ -269,8 +269,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
         if r is None:
             notes.append(f"{run['name']}: no eval/results.json (run `gad eval`); tables are empty.")
         elif r.get("judge"):
-            notes.append(f"{run['name']}: judge {r['judge']['model']}, both orders: {r['judge']['both_orders']}; "
-                         f"lengths in {r.get('length_unit', 'tokens')}.")
+            orders = "each pair rated in both orders" if r["judge"]["both_orders"] else "one order only"
+            notes.append(f"{run['name']}: judge {r['judge']['model']} ({orders}); lengths in {r.get('length_unit', 'tokens')}.")
 
     title = "GAD report: " + ", ".join(run["name"] for run in runs)
     md = [f"# {title}", ""] + [f"- {n}" for n in notes] + [""]
