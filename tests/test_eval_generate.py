@@ -71,6 +71,9 @@ def test_find_checkpoints_and_tags(tmp_path):
     (run / "gad" / "checkpoint-7").mkdir()  # no model inside: ignored
     found = find_checkpoints(run)
     assert [t for t, _ in found] == ["warmup-final", "gad-step2", "gad-step5", "gad-step10", "gad-final"]
+    for d in ("gad/checkpoint-2", "gad/checkpoint-5", "gad/final"):  # the trainer marks finished ones
+        (run / d / "COMPLETE").touch()
+    assert [t for t, _ in find_checkpoints(run)] == ["warmup-final", "gad-step2", "gad-step5", "gad-final"]
     assert final_model(run) == run / "gad" / "final"
     assert model_tag(str(run / "gad" / "checkpoint-10"), run) == "gad-step10"
     assert model_tag(str(run / "gad" / "final"), run) == "gad-final"
@@ -151,3 +154,42 @@ def test_cli_generate(tmp_path, tiny_model_dir):
     assert cli.main(["generate", *args, "--model", str(tiny_model_dir)]) == 0
     assert len(read_jsonl(tmp_path / "run" / "generations" / "model" / "vicuna80.jsonl")) == 1
     assert cli.main(["generate", *args[:2]]) == 2  # no prompt sets: a clear config error, exit 2
+
+
+def test_vllm_backend_bookkeeping(tmp_path, tiny_model_dir, monkeypatch):
+    """No GPU here: a stand-in `vllm` module checks the calls, the EOS convention and the split per suite."""
+    import types
+
+    calls = []
+
+    class Out:
+        def __init__(self, text, ids, reason):
+            self.outputs = [types.SimpleNamespace(text=text, token_ids=ids, finish_reason=reason)]
+
+    class FakeLLM:
+        def __init__(self, model, seed, trust_remote_code):
+            calls.append(("init", model))
+
+        def get_tokenizer(self):
+            return types.SimpleNamespace(eos_token_id=2)
+
+        def chat(self, conversations, params, use_tqdm):
+            calls.append(("chat", len(conversations), params.max_tokens))
+            return [Out(" hi ", [5, 2], "stop") if i % 2 == 0 else Out("long", [5, 6, 7], "length")
+                    for i in range(len(conversations))]
+
+    fake = types.SimpleNamespace(LLM=FakeLLM, SamplingParams=lambda **kw: types.SimpleNamespace(**kw))
+    monkeypatch.setitem(__import__("sys").modules, "vllm", fake)
+    cfg = parse_config({
+        "run_dir": str(tmp_path / "run"), "student": str(tiny_model_dir), "data": {"path": str(VICUNA)},
+        "generate": {"prompt_sets": [str(VICUNA), str(DATA / "mtbench80_turn1.jsonl")], "limit": 3,
+                     "max_new_tokens": 3, "backend": "vllm"},
+    })
+    assert run_generate(cfg, model=str(tiny_model_dir)) == 0
+    assert calls == [("init", str(tiny_model_dir)), ("chat", 6, 3)]  # one engine, both suites in one call
+    stop, length = ("hi", 1, "stop"), ("long", 3, "length")  # the end-of-turn token is not counted
+    expected = {"vicuna80": [stop, length, stop], "mtbench80_turn1": [length, stop, length]}  # split of one call
+    for name, want in expected.items():
+        rows = read_jsonl(tmp_path / "run" / "generations" / "model" / f"{name}.jsonl")
+        assert [r["id"] for r in rows] == [r["id"] for r in load_suite(str(DATA / f"{name}.jsonl"), limit=3).records]
+        assert [(r["response"], r["num_tokens"], r["finish_reason"]) for r in rows] == want

@@ -109,14 +109,15 @@ def _generate_vllm(model_path: str, prompts: Sequence[list[dict[str, str]]], max
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model_path, seed=seed, trust_remote_code=trust_remote_code)
+    eos = llm.get_tokenizer().eos_token_id
     params = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, seed=seed)
     outs = llm.chat([list(p) for p in prompts], params, use_tqdm=True)
     results = []
     for o in outs:
         c = o.outputs[0]
         ids = list(c.token_ids)
-        # vLLM counts the stop token in token_ids; keep the HF convention (end-of-turn excluded).
-        n = len(ids) - 1 if c.finish_reason == "stop" and ids else len(ids)
+        # Same convention as the HF path: the end-of-turn token is not counted.
+        n = len(ids) - 1 if ids and ids[-1] == eos else len(ids)
         results.append((c.text.strip(), n, "length" if c.finish_reason == "length" else "stop"))
     del llm
     return results
@@ -192,10 +193,15 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[str, Path]]:
                      and any(_CKPT.match(c.name) for c in p.iterdir() if c.is_dir())) if run_dir.is_dir() else []
     for stage in stages:
         ckpts = [(int(m.group(1)), c) for c in (run_dir / stage).iterdir() if (m := _CKPT.match(c.name)) and _is_model_dir(c)]
-        for step, path in sorted(ckpts):
-            found.append((f"{stage}-step{step}", path))
-        if _is_model_dir(run_dir / stage / "final"):
-            found.append((f"{stage}-final", run_dir / stage / "final"))
+        final = run_dir / stage / "final"
+        candidates = sorted(ckpts) + ([(None, final)] if _is_model_dir(final) else [])
+        # Where the trainer marks finished checkpoints, an unmarked one is still being written: skip it.
+        marked = any((p / "COMPLETE").is_file() for _, p in candidates)
+        for step, path in candidates:
+            if marked and not (path / "COMPLETE").is_file():
+                log.info("skipping %s: no COMPLETE marker (being written?)", path)
+                continue
+            found.append((f"{stage}-final" if step is None else f"{stage}-step{step}", path))
     return found
 
 
@@ -297,18 +303,24 @@ def run_generate(cfg: RunConfig, model: str | None = None, sweep: str | None = N
         if not todo:
             continue
         use_vllm = g.backend == "vllm" or (g.backend == "auto" and _vllm_usable())
-        lm = tok = None
-        if not use_vllm:  # load once per model, not once per suite
+        lm = None
+        if use_vllm:  # one engine start for every suite of this model
+            every = generate_responses(spec, [r for s, _, _ in todo for r in s.records], g.max_new_tokens,
+                                       g.temperature, backend="vllm", seed=cfg.seed, tag=tag,
+                                       trust_remote_code=cfg.trust_remote_code)
+            starts = [0]
+            for s, _, _ in todo:
+                starts.append(starts[-1] + len(s.records))
+            per_suite = [every[a:b] for a, b in zip(starts, starts[1:])]
+        else:  # load once per model, not once per suite
             tok = _load_tokenizer_with_fallback(spec, cfg.student, cfg.trust_remote_code)
             lm = load_causal_lm(spec, trust_remote_code=cfg.trust_remote_code)
             if torch.cuda.is_available():
                 lm = lm.to("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
-        for suite, path, meta in todo:
-            rows = generate_responses(
-                spec if use_vllm else lm, suite.records, g.max_new_tokens, g.temperature, g.batch_size,
-                tokenizer=tok, backend="vllm" if use_vllm else "hf", seed=cfg.seed, tag=tag,
-                trust_remote_code=cfg.trust_remote_code, desc=f"{tag} / {suite.name}",
-            )
+            per_suite = [generate_responses(lm, s.records, g.max_new_tokens, g.temperature, g.batch_size, tokenizer=tok,
+                                            backend="hf", seed=cfg.seed, tag=tag, desc=f"{tag} / {s.name}")
+                         for s, _, _ in todo]
+        for (suite, path, meta), rows in zip(todo, per_suite):
             write_jsonl(path, rows)
             path.with_suffix(".meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
             truncated = sum(r["finish_reason"] == "length" for r in rows)

@@ -12,7 +12,9 @@ A rating that cannot be parsed is asked again (sampled, temperature 0.7, new see
 with no parsed order is left out of the score and counted as unscored.
 
 Every request goes through :func:`gad.teacher.run_requests`, whose SQLite cache is keyed on the
-full request: a rerun asks nothing that was answered before.
+full request: a rerun asks nothing that was answered before. The judge config's own
+``system_prompt`` / ``context_messages`` go with every judge request, references included: leave
+them empty for a strong judge; :func:`format_demo_messages` is a format demonstration for a small one.
 """
 
 from __future__ import annotations
