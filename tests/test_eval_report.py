@@ -112,7 +112,7 @@ def test_sweep_eval_report(trained_run):
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "| model |" in md and "gad-final" in md and "ROUGE-L" in md
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["curves_run.png", "lengths_vicuna80.png"]
+    assert pngs == ["curves_run.png", "lengths_vicuna80.png", "sweep_run.png"]
     for name in pngs:
         assert f"]({name})" in md
         w, h = _decode_png((out / name).read_bytes())
@@ -121,7 +121,7 @@ def test_sweep_eval_report(trained_run):
     html_text = (out / "report.html").read_text(encoding="utf-8")
     parser = _Images()
     parser.feed(html_text)
-    assert len(parser.srcs) == 2 and parser.scripts == 0 and parser.external == []  # self-contained
+    assert len(parser.srcs) == 3 and parser.scripts == 0 and parser.external == []  # self-contained
     for src in parser.srcs:
         assert src.startswith("data:image/png;base64,")
         assert _decode_png(base64.b64decode(src.split(",", 1)[1], validate=True))[0] > 200
@@ -139,7 +139,7 @@ def test_headless_browser_loads_images(trained_run):
         pytest.skip("chromium not installed (apt-get install chromium)")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, result
-    assert result["images"] == result["loaded"] == 2
+    assert result["images"] == result["loaded"] == 3
 
 
 def test_curves_tolerate_missing_keys_and_bad_lines(tmp_path):

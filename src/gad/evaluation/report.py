@@ -1,8 +1,8 @@
 """``gad report RUN_DIR...``: one Markdown and one self-contained HTML report with PNG plots.
 
 Contents: a table per suite (models x metrics) from ``eval/results.json``; training curves from
-``<stage>/metrics.jsonl`` (stages laid end to end, missing keys tolerated); response-length
-histograms per suite; a few side-by-side example responses. The HTML embeds every image as base64
+``<stage>/metrics.jsonl`` (stages laid end to end, missing keys tolerated); eval metrics across a
+checkpoint sweep; response-length histograms per suite; a few side-by-side example responses. The HTML embeds every image as base64
 and has no scripts or external links, so it can be mailed or archived as one file.
 """
 
@@ -21,7 +21,9 @@ from gad.evaluation.generate import STAGES, tag_order
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CURVE_KEYS", "load_run", "plot_training_curves", "plot_length_histograms", "write_report", "run_report"]
+__all__ = [
+    "CURVE_KEYS", "load_run", "plot_training_curves", "plot_length_histograms", "plot_sweep", "write_report", "run_report",
+]
 
 # (metrics.jsonl key, panel title); panels whose keys never appear are not drawn.
 CURVE_KEYS: list[tuple[tuple[str, ...], str]] = [
@@ -161,6 +163,56 @@ def plot_length_histograms(lengths_by_model: dict[str, list[int]], out_png: str 
     return Path(out_png)
 
 
+_SWEEP_KEYS = [("judge_score", "judge score"), ("rouge_l", "ROUGE-L vs teacher"), ("len_mean", "mean length"),
+               ("distinguish", "distinguishability")]
+
+
+def _metric(metrics: dict[str, Any], key: str) -> float | None:
+    if key == "distinguish":
+        return _num((metrics.get("distinguishability") or {}).get("accuracy"))
+    return _num(metrics.get(key))
+
+
+def plot_sweep(results: dict[str, Any], out_png: str | Path, title: str = "") -> Path | None:
+    """Eval metrics across models in training order (a checkpoint sweep); the teacher as a dashed line.
+
+    None when fewer than two models were evaluated.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tags = sorted((t for t in results["models"] if t != "teacher"), key=tag_order)
+    if len(tags) < 2:
+        return None
+    by_tag = results["results"]
+    panels = [(k, name) for k, name in _SWEEP_KEYS
+              if sum(_metric(m, k) is not None for t in tags for m in by_tag.get(t, {}).values()) >= 2]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, name) in zip(axes[0], panels):
+        for s_i, suite in enumerate(results["suites"]):
+            ys = [_metric(by_tag.get(t, {}).get(suite, {}), key) for t in tags]
+            ax.plot(range(len(tags)), [float("nan") if y is None else y for y in ys], marker="o", color=f"C{s_i}", label=suite)
+            teacher = _metric(by_tag.get("teacher", {}).get(suite, {}), key)
+            if teacher is not None:
+                ax.axhline(teacher, color=f"C{s_i}", ls="--", lw=1)
+        if key == "distinguish":
+            ax.axhline(0.5, color="grey", ls=":", lw=1)
+        ax.set_xticks(range(len(tags)), tags, rotation=45, ha="right", fontsize=7)
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return Path(out_png)
+
+
 def _cell(metrics: dict[str, Any], key: str) -> str:
     if key == "distinguish":
         d = metrics.get("distinguishability") or {}
@@ -253,6 +305,10 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None, 
             png = plot_training_curves(run["metrics"], out / f"curves_{run['name']}.png", title=run["name"] if multi else "")
             if png:
                 figures.append((f"Training curves: {run['name']} ({', '.join(run['metrics'])})", png))
+        if run["results"]:
+            png = plot_sweep(run["results"], out / f"sweep_{run['name']}.png", title=run["name"] if multi else "")
+            if png:
+                figures.append((f"Eval metrics by model, in training order (dashed: teacher): {run['name']}", png))
     suites = sorted({s for run in runs for by_suite in run["lengths"].values() for s in by_suite})
     for suite in suites:
         data = {(f"{run['name']}/{tag}" if multi else tag): by_suite[suite]
