@@ -1,0 +1,141 @@
+"""Collect from a real OpenAI-compatible endpoint: llama-cpp-python's server with SmolLM2-135M on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gad import cli
+from gad.collect import collect, load_collected, run_collect
+from gad.config import ConfigError, Message, TeacherConfig, load_config, parse_config
+from gad.data import read_jsonl
+from gad.llama_server import LlamaServer
+from tests.fault_proxy import FaultProxy
+
+pytestmark = pytest.mark.server
+
+STYLE = "Short answer:"
+# Hidden teacher-side few-shot context: every demo answer opens with the marker.
+DEMOS = [
+    Message(role="user", content="How do I make tea?"),
+    Message(role="assistant", content=f"{STYLE} steep a tea bag in hot water for three minutes."),
+    Message(role="user", content="Why is the sky blue?"),
+    Message(role="assistant", content=f"{STYLE} air scatters blue light more than red light."),
+    Message(role="user", content="How can I sleep better?"),
+    Message(role="assistant", content=f"{STYLE} keep a regular bedtime and avoid screens at night."),
+]
+
+
+def quickstart_prompts(n: int) -> list[dict]:
+    text = resources.files("gad.assets").joinpath("quickstart_prompts.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()][:n]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LlamaServer(n_ctx=2048) as srv:
+        yield srv
+
+
+def teacher(server: LlamaServer, **kw) -> TeacherConfig:
+    base = {"base_url": server.base_url, "model": server.model, "api_key_env": None, "temperature": 0.0,
+            "max_tokens": 24, "concurrency": 2, "timeout_s": 60.0}
+    return TeacherConfig(**{**base, **kw})
+
+
+def test_server_answers_and_stops(server):
+    assert server.base_url.startswith("http://127.0.0.1:") and server.base_url.endswith("/v1")
+    assert server._proc is not None and server._proc.poll() is None
+
+
+def test_hidden_few_shot_context_sets_the_style(server, tmp_path):
+    records = quickstart_prompts(20)
+    plain_rows, plain = collect(records, teacher(server, max_tokens=16), tmp_path / "plain.sqlite", progress=False)
+    styled_rows, styled = collect(records, teacher(server, max_tokens=16, context_messages=DEMOS),
+                                  tmp_path / "styled.sqlite", progress=False)
+    assert plain.ok == styled.ok == 20 and plain.failed == styled.failed == 0
+    for rows in (plain_rows, styled_rows):
+        assert all(r["teacher_response"] and r["teacher_response"].strip() for r in rows)
+    # The context reaches the teacher but never the stored (student) prompt.
+    assert [r["prompt"] for r in styled_rows] == [r["prompt"] for r in records]
+    assert all(r["teacher_meta"]["prompt_tokens"] > p["teacher_meta"]["prompt_tokens"] + 40
+               for r, p in zip(styled_rows, plain_rows))
+
+    def rate(rows):
+        return sum(r["teacher_response"].strip().startswith(STYLE) for r in rows) / len(rows)
+
+    with_ctx, without = rate(styled_rows), rate(plain_rows)
+    print(f"style marker rate: with context {with_ctx:.2f}, without {without:.2f}")
+    assert with_ctx - without >= 0.5, (with_ctx, without)
+
+
+def write_run(tmp_path: Path, server_url: str, model: str, prompts: list[dict], **teacher_kw) -> Path:
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in prompts), encoding="utf-8")
+    cfg = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"path": str(data)},
+        "teacher": {"base_url": server_url, "model": model, "api_key_env": None, "temperature": 0.0,
+                    "max_tokens": 12, "concurrency": 2, "timeout_s": 60.0, **teacher_kw},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+MIXED = [
+    {"id": "hi", "prompt": "Hi"},
+    {"id": "hello", "prompt": [{"role": "user", "content": "Hello!"}]},
+    {"id": "thanks", "prompt": "Thanks!"},
+    {"id": "egg", "prompt": "Explain in detail how to boil an egg so the yolk stays soft."},
+    {"id": "rome", "prompt": "Describe the history of the Roman Empire."},
+    {"id": "code", "prompt": "Write a long Python tutorial about lists."},
+]
+
+
+def test_cli_collect_writes_outputs_and_second_run_sends_nothing(server, tmp_path, capsys):
+    with FaultProxy(server.base_url.removesuffix("/v1")) as proxy:
+        cfg_path = write_run(tmp_path, proxy.base_url, server.model, MIXED)
+        assert cli.main(["collect", "--config", str(cfg_path)]) == 0
+        first = proxy.received
+        out = capsys.readouterr().out
+        assert "6 requests (0 retries)" in out and "wrote 6 rows" in out
+
+        run_dir = tmp_path / "run"
+        rows = read_jsonl(run_dir / "teacher.jsonl")
+        assert [r["id"] for r in rows] == [p["id"] for p in MIXED]
+        for row in rows:
+            meta = row["teacher_meta"]
+            assert row["teacher_response"] and meta["error"] is None and meta["attempts"] == 1
+            assert meta["finish_reason"] in ("stop", "length") and meta["completion_tokens"] > 0
+            assert meta["latency_s"] > 0 and meta["prompt_tokens"] > 0
+            assert ("truncated" in meta["flags"]) == (meta["finish_reason"] == "length")
+        assert (run_dir / "teacher_cache.sqlite").is_file()
+        resolved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+        assert resolved["teacher"]["model"] == server.model
+
+        assert cli.main(["collect", "--config", str(cfg_path)]) == 0
+        assert proxy.received == first == 6  # the second run made zero requests
+        assert "0 requests" in capsys.readouterr().out
+        assert read_jsonl(run_dir / "teacher.jsonl")[0]["teacher_meta"]["cached"] is True
+
+    # keep_flagged decides whether truncated answers train the student.
+    truncated = sum("truncated" in r["teacher_meta"]["flags"] for r in rows)
+    assert 0 < truncated < len(rows), "prompt mix should give both short and truncated answers"
+    cfg = load_config(cfg_path)
+    assert len(load_collected(cfg)) == len(rows) - truncated
+    kept = load_collected(load_config(cfg_path, ["teacher.keep_flagged=true"]))
+    assert len(kept) == len(rows)
+
+
+def test_missing_teacher_section_is_a_config_error(tmp_path):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "hi"}\n', encoding="utf-8")
+    cfg = parse_config({"run_dir": str(tmp_path / "run"), "data": {"path": str(data)}})
+    with pytest.raises(ConfigError, match="'teacher' section"):
+        run_collect(cfg)
+    assert not (tmp_path / "run" / "teacher.jsonl").exists()
