@@ -13,7 +13,7 @@ from gad import cli
 from gad.collect import collect, load_collected, run_collect
 from gad.config import ConfigError, Message, TeacherConfig, load_config, parse_config
 from gad.data import read_jsonl
-from gad.llama_server import LlamaServer
+from gad.llama_server import LlamaServer, LlamaServerError
 from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.server
@@ -50,6 +50,26 @@ def teacher(server: LlamaServer, **kw) -> TeacherConfig:
 def test_server_answers_and_stops(server):
     assert server.base_url.startswith("http://127.0.0.1:") and server.base_url.endswith("/v1")
     assert server._proc is not None and server._proc.poll() is None
+
+
+def test_server_that_cannot_start_gives_its_log_and_is_stopped(tmp_path):
+    bogus = tmp_path / "broken.gguf"
+    bogus.write_bytes(b"GGUF" + b"\0" * 64)
+    srv = LlamaServer(model_path=bogus, startup_timeout_s=60)
+    with pytest.raises(LlamaServerError, match="exited with code") as err:
+        with srv:
+            pass
+    assert "log" in str(err.value) and len(str(err.value).splitlines()) > 1  # the server's own words follow
+    assert srv._proc is None
+
+
+def test_server_is_stopped_when_the_block_raises():
+    srv = LlamaServer()
+    with pytest.raises(KeyboardInterrupt):
+        with srv:
+            proc = srv._proc
+            raise KeyboardInterrupt
+    assert proc.poll() is not None and srv._proc is None
 
 
 def test_hidden_few_shot_context_sets_the_style(server, tmp_path):
