@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from gad.config import ConfigError, RunConfig
-from gad.data import filter_long_prompts, load_records
+from gad.data import filter_long_prompts
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +40,10 @@ def stage_dir(cfg: RunConfig, stage: str) -> Path:
 
 
 def training_records(cfg: RunConfig, tokenizer: Any) -> list[dict[str, Any]]:
-    """Prompts with a teacher response: ``<run_dir>/teacher.jsonl`` if collected, else ``data.path``."""
-    collected = Path(cfg.run_dir) / "teacher.jsonl"
-    if collected.exists():
-        from gad.collect import load_collected
+    """Prompts with a usable teacher response (``gad collect``'s output, else ``data.path``), short enough."""
+    from gad.collect import load_collected
 
-        rows = load_collected(cfg)
-    else:
-        rows = [r for r in load_records(cfg.data) if r.get("teacher_response")]
-    if not rows:
-        raise ConfigError(
-            f"no teacher responses for training: run `gad collect` first (writes {collected}) "
-            f"or point data.path at rows with a '{cfg.data.response_column}' column"
-        )
-    rows, _ = filter_long_prompts(rows, tokenizer, cfg.data.max_prompt_length)
+    rows, _ = filter_long_prompts(load_collected(cfg), tokenizer, cfg.data.max_prompt_length)
     return [{"id": r["id"], "prompt": r["prompt"], "teacher_response": r["teacher_response"]} for r in rows]
 
 
