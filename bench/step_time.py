@@ -1,7 +1,7 @@
 """Time per GAD step, split by phase, beside TRL's plain GRPOTrainer with a frozen reward model.
 
     .venv/bin/python bench/step_time.py                      # SmolLM2-135M on CPU, ~10 minutes
-    .venv/bin/python bench/step_time.py --steps 6 --num-generations 8 --max-response 128
+    .venv/bin/python bench/step_time.py --steps 6 --num-generations 8 --max-response 128 --bf16
 
 Both trainers run in the same process on the same prompts (Self-Instruct seed tasks from
 ../shared/data, their human reference as the "teacher" text), same batch and lengths. The
@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--batch-prompts", type=int, default=2)
     ap.add_argument("--num-generations", type=int, default=4)
     ap.add_argument("--max-response", type=int, default=64)
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (fast on CPUs with AVX512-BF16 / AMX)")
     ap.add_argument("--out", default="bench/results/step_time.json")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -94,7 +95,7 @@ def main() -> None:
             "run_dir": tmp, "data": {"path": str(DATA), "max_prompt_length": 256},
             "train": {"batch_prompts": a.batch_prompts, "num_generations": a.num_generations,
                       "micro_batch_size": a.num_generations, "max_response_length": a.max_response,
-                      "max_steps": a.steps, "save_steps": 10_000, "report_to": []},
+                      "max_steps": a.steps, "save_steps": 10_000, "report_to": [], "bf16": a.bf16 or None},
         })
         tokenizer = load_tokenizer(cfg.student)
         dataset = Dataset.from_list(records(a.batch_prompts * a.steps))

@@ -61,7 +61,6 @@ def test_pooling_uses_attention_mask_not_pad_id(disc, tiny_tokenizer, encoder) -
     with torch.no_grad():
         batched = score_sequences(disc, ids, mask)
         alone = score_sequences(disc, *right_pad([a], tiny_tokenizer.pad_token_id))
-        left_ids = torch.cat([torch.full((1, 3), tiny_tokenizer.pad_token_id), torch.tensor([a])], dim=1)
         left_mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, len(a), dtype=torch.long)], dim=1)
         assert last_real_index(left_mask).item() == len(a) + 2
     assert torch.allclose(batched[0], alone[0], atol=1e-5)

@@ -151,6 +151,16 @@ def test_client_cache_key_covers_teacher_context(monkeypatch):
     assert len(keys) == 3
 
 
+def test_cache_namespace_survives_a_new_port():
+    msgs = [{"role": "user", "content": "hi"}]
+    a = TeacherConfig(base_url="http://127.0.0.1:1111/v1", model="m", api_key_env=None, cache_namespace="local teacher")
+    b = a.model_copy(update={"base_url": "http://127.0.0.1:2222/v1"})
+    ka, kb = (ChatClient(c).cache_key(msgs, ChatClient(c).sampling()) for c in (a, b))
+    assert ka == kb
+    plain = [a.model_copy(update={"cache_namespace": None}), b.model_copy(update={"cache_namespace": None})]
+    assert len({ChatClient(c).cache_key(msgs, ChatClient(c).sampling()) for c in plain}) == 2
+
+
 def test_response_cache_roundtrip_and_wal(tmp_path):
     path = tmp_path / "c.sqlite"
     with ResponseCache(path) as cache:

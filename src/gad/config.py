@@ -67,6 +67,10 @@ class TeacherConfig(_Strict):
     max_attempts: int = Field(6, ge=1, description="Per request, before the row is recorded as failed.")
     timeout_s: float = Field(120.0, gt=0)
     keep_flagged: bool = Field(False, description="Keep empty / truncated / refused responses for training.")
+    cache_namespace: str | None = Field(
+        None, description="Names the endpoint in the answer cache's key instead of base_url: set it when the same "
+        "teacher comes back at another URL (a local server on a fresh port) so its cached answers stay valid.",
+    )
     price_per_1m_prompt_tokens: float | None = Field(None, ge=0)
     price_per_1m_completion_tokens: float | None = Field(None, ge=0)
 

@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TextIO
 
 from gad.config import ConfigError, DataConfig
 
@@ -160,15 +160,14 @@ def filter_long_prompts(records: list[dict[str, Any]], tokenizer: Any, max_len: 
     return kept, dropped
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
-    """Write rows atomically (temp file in the same folder, fsync, rename)."""
+def write_atomic(path: str | Path, write: Callable[[TextIO], None]) -> Path:
+    """Write a text file atomically: ``write(fh)`` into a temp file in the same folder, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -176,6 +175,11 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write rows as JSONL, atomically."""
+    return write_atomic(path, lambda fh: fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

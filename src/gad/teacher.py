@@ -348,7 +348,7 @@ class ChatClient:
 
     def cache_key(self, messages: Sequence[Mapping[str, str]], sampling: Mapping[str, Any]) -> str:
         return cache_key(
-            base_url=self.cfg.base_url,
+            base_url=self.cfg.cache_namespace or self.cfg.base_url,
             model=self.cfg.model,
             system_prompt=self.cfg.system_prompt,
             context_messages=[{"role": m.role, "content": m.content} for m in self.cfg.context_messages],

@@ -17,14 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from gad.config import ConfigError, RunConfig
-from gad.data import read_jsonl, write_jsonl
+from gad.data import read_jsonl, write_atomic, write_jsonl
 from gad.evaluation.generate import generations_path, tag_order
 from gad.evaluation.metrics import length_stats, mean, ngram_f1_all, rouge_l_f1
 from gad.evaluation.suites import Suite, load_suite
@@ -49,21 +47,9 @@ def _finite(obj: Any) -> Any:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Atomic JSON write (temp file, fsync, rename): a crash never leaves half a results file."""
+    """Atomic JSON write: a crash never leaves half a results file. NaN/inf become null."""
     obj = _finite(obj)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False, indent=1, allow_nan=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda fh: json.dump(obj, fh, ensure_ascii=False, indent=1, allow_nan=False))
 
 
 def model_tags(run_dir: str | Path) -> list[str]:

@@ -93,7 +93,8 @@ def trainer_args(cfg: RunConfig, stage: str, sequences_per_step: int) -> dict[st
         use_cpu=not cuda,
         gradient_checkpointing=t.gradient_checkpointing,
         trust_remote_code=cfg.trust_remote_code,
-        model_init_kwargs={"dtype": torch.bfloat16 if bf16 else torch.float32},
+        # fp32 master weights; bf16 runs as autocast. bf16 weights would round away 1e-6 updates.
+        model_init_kwargs={"dtype": torch.float32},
         disable_tqdm=False,
     )
     args.update(t.trl_args)

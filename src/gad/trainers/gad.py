@@ -100,6 +100,7 @@ class GADTrainer(CompleteCheckpointMixin, GRPOTrainer):
         self.reward.trainer = self
         self.discriminator = discriminator
         self._generation_time = 0.0
+        self._g_update_time = 0.0
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         start = time.perf_counter()
@@ -115,8 +116,11 @@ class GADTrainer(CompleteCheckpointMixin, GRPOTrainer):
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any) -> torch.Tensor:
         self._generation_time = 0.0
         start = time.perf_counter()
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self._metrics["train"]["time_g_update"].append(time.perf_counter() - start - self._generation_time)
+        loss = super().training_step(model, inputs, num_items_in_batch)  # TRL increments self._step
+        self._g_update_time += time.perf_counter() - start - self._generation_time
+        if self._step % self.current_gradient_accumulation_steps == 0:  # summed over the micro-batches of a step
+            self._metrics["train"]["time_g_update"].append(self._g_update_time)
+            self._g_update_time = 0.0
         return loss
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> torch.Tensor:
@@ -207,7 +211,8 @@ def build_discriminator(cfg: RunConfig, spec: str, frozen: bool, device: torch.d
         scheduler = get_constant_schedule(optimizer)
     else:
         model.requires_grad_(False)
-    bf16 = device.type == "cuda" and (cfg.train.bf16 is not False) and torch.cuda.is_bf16_supported()
+    on_gpu_bf16 = device.type == "cuda" and cfg.train.bf16 is not False and torch.cuda.is_bf16_supported()
+    bf16 = on_gpu_bf16 or bool(cfg.train.bf16)  # on CPU only when asked (fast on AVX512-BF16 / AMX)
     return DiscriminatorUpdater(
         model=model,
         tokenizer=tokenizer,

@@ -1,0 +1,136 @@
+"""Context distillation study: base vs SeqKD vs GAD vs GAD with a frozen D, over seeds.
+
+    .venv/bin/python bench/context_distillation.py                     # 2 seeds, ~45 min on 2 CPU cores
+    .venv/bin/python bench/context_distillation.py --seeds 0 1 2 --gad-steps 30
+
+Teacher: SmolLM2-135M (llama.cpp, 127.0.0.1) + the quickstart's hidden few-shot style.
+Train prompts: Self-Instruct seed tasks (175) + MT-Bench first turns (80); held out: Vicuna (80),
+all read from ../shared/data at run time. Per seed: SeqKD, warmup, GAD, and the off-policy
+ablation (GAD from the same warmup checkpoint with D frozen). Then greedy generation on the
+held-out prompts, `gad eval` metrics plus the style rate, and a summary over seeds (mean, std)
+written to ``<out>/summary.json`` and ``<out>/summary.md``, and the response-length curves of
+GAD vs frozen D to ``<out>/length_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from gad.config import DEFAULT_STUDENT
+from gad.data import read_jsonl
+from gad.evaluation.evaluate import evaluate_run
+from gad.evaluation.generate import run_generate
+from gad.quickstart import FULL, add_style_rates, build_config, collect_teacher, train_all, train_once
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+METRICS = {
+    "style_rate": lambda m: m.get("style_rate"),
+    "loglik_under_teacher": lambda m: ((m.get("loglik") or {}).get("under_teacher") or {}).get("mean_token_loglik"),
+    "teacher_loglik_under_model": lambda m: ((m.get("loglik") or {}).get("teacher_under_model") or {}).get("mean_token_loglik"),
+    "distinguishability": lambda m: (m.get("distinguishability") or {}).get("accuracy"),
+    "rouge_l": lambda m: m.get("rouge_l"),
+    "len_mean": lambda m: m.get("len_mean"),
+}
+
+
+def prompts(name: str) -> list[dict]:
+    return [{"id": r["id"], "prompt": r["prompt"]} for r in read_jsonl(DATA / name)]
+
+
+def run_seed(root: Path, seed: int, budget, teacher) -> dict:  # noqa: ANN001
+    run = root / f"seed{seed}"
+    (run / "data").mkdir(parents=True, exist_ok=True)
+    for name in ("train.jsonl", "test.jsonl"):
+        (run / "data" / name).write_text((root / "data" / name).read_text())
+    cfg = build_config(run, budget, teacher, seed=seed)
+    finals = train_all(cfg, budget, fresh=False)
+    seqkd, warm, gad = finals["seqkd"], finals["warmup"], finals["gad"]
+    frozen_cfg = cfg.model_copy(update={"run_dir": str(run / "frozen")})
+    frozen = train_once(frozen_cfg, "gad", budget.gad_steps, init_from=str(warm), freeze_discriminator=True)
+    for spec in (DEFAULT_STUDENT, str(seqkd), str(gad), str(frozen)):
+        run_generate(cfg, model=spec)
+    evaluate_run(cfg)
+    add_style_rates(cfg)
+    return json.loads((run / "eval" / "results.json").read_text())
+
+
+def summarize(results: list[dict]) -> dict:
+    """model -> metric -> {mean, std, values} over seeds."""
+    out: dict = {}
+    for res in results:
+        for tag in res["models"]:
+            m = res["results"][tag]["test"]
+            for name, get in METRICS.items():
+                v = get(m)
+                if v is not None:
+                    out.setdefault(tag, {}).setdefault(name, []).append(v)
+    return {tag: {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "values": v}
+                  for k, v in ms.items()} for tag, ms in out.items()}
+
+
+def markdown(summary: dict) -> str:
+    cols = list(METRICS)
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for tag, ms in summary.items():
+        cells = [f"{ms[c]['mean']:.3f} ± {ms[c]['std']:.3f}" if c in ms else "-" for c in cols]
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_lengths(root: Path, seeds: list[int]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for seed in seeds:
+        for label, path, style in (("GAD", root / f"seed{seed}" / "gad", "-"),
+                                   ("frozen D", root / f"seed{seed}" / "frozen" / "gad", "--")):
+            rows = [r for r in read_jsonl(path / "metrics.jsonl") if "len_mean" in r]
+            axes[0].plot([r["step"] for r in rows], [r["len_mean"] for r in rows], style, label=f"{label} seed {seed}")
+            axes[1].plot([r["step"] for r in rows], [r.get("reward_mean") for r in rows], style, label=f"{label} seed {seed}")
+    axes[0].set(title="rollout length (tokens)", xlabel="GAD step")
+    axes[1].set(title="reward (D score of rollouts)", xlabel="GAD step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = root / "length_curves.png"
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/context_distillation")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--warmup-steps", type=int, default=8)
+    ap.add_argument("--gad-steps", type=int, default=12)
+    ap.add_argument("--seqkd-steps", type=int, default=32)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start = time.monotonic()
+    root = Path(a.out).resolve()
+    budget = replace(FULL, seqkd_steps=a.seqkd_steps, warmup_steps=a.warmup_steps, gad_steps=a.gad_steps)
+    train = prompts("seed_tasks175.jsonl") + prompts("mtbench80_turn1.jsonl")
+    teacher = collect_teacher(root, budget, train, prompts("vicuna80.jsonl"))
+    results = [run_seed(root, seed, budget, teacher) for seed in a.seeds]
+    summary = summarize(results)
+    (root / "summary.json").write_text(json.dumps({"settings": vars(a), "budget": budget.__dict__, "summary": summary,
+                                                   "minutes": (time.monotonic() - start) / 60}, indent=1))
+    (root / "summary.md").write_text(markdown(summary))
+    plot_lengths(root, a.seeds)
+    print(markdown(summary))
+    print(f"done in {(time.monotonic() - start) / 60:.1f} min: {root / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()

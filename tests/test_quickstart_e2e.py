@@ -1,0 +1,43 @@
+"""The whole pipeline, tiny: real llama.cpp teacher -> SeqKD -> warmup -> GAD -> generate -> eval -> report."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def quickstart(run_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gad.cli", "quickstart", "--tiny", "--run-dir", str(run_dir)],
+                          capture_output=True, text=True, timeout=1500)
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_quickstart_tiny_end_to_end_and_rerun(tmp_path: Path) -> None:
+    run = tmp_path / "qs"
+    first = quickstart(run)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "gad quickstart: held-out prompts" in first.stdout and "Report:" in first.stdout
+
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["models"] == ["smollm2-135m-instruct", "seqkd-final", "gad-final", "teacher"]
+    for tag in results["models"]:
+        m = results["results"][tag]["test"]
+        assert 0.0 <= m["style_rate"] <= 1.0 and m["len_mean"] > 0
+        assert m["loglik"]["under_teacher"]["mean_token_loglik"] < 0
+    for tag in ("smollm2-135m-instruct", "seqkd-final", "gad-final"):
+        assert 0.0 <= results["results"][tag]["test"]["distinguishability"]["accuracy"] <= 1.0
+    gad_rows = [json.loads(l) for l in (run / "gad" / "metrics.jsonl").read_text().splitlines()]
+    assert any("d_acc" in r and "reward_mean" in r for r in gad_rows)
+    html = (run / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 2
+
+    second = quickstart(run)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "teacher: 12 answered (12 cached), 0 failed" in second.stderr  # zero new teacher requests
+    for stage in ("seqkd", "warmup", "gad"):
+        assert f"{stage}: reusing" in second.stderr
