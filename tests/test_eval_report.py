@@ -57,7 +57,7 @@ def _decode_png(data: bytes) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
-    """warmup (2 steps) then gad (2 steps) with the real trainers; checkpoints at step 2 + final."""
+    """warmup (3 steps) then gad (3 steps) with the real trainers; checkpoint-2 + final (step 3)."""
     from gad.trainers import train_stage
 
     root = tmp_path_factory.mktemp("report")
@@ -68,7 +68,7 @@ def trained_run(tmp_path_factory, tiny_model_dir):
         "run_dir": str(root / "run"), "seed": 1, "student": str(tiny_model_dir),
         "data": {"path": str(data), "max_prompt_length": 128},
         "train": {"batch_prompts": 2, "num_generations": 2, "micro_batch_size": 2, "max_response_length": 8,
-                  "max_steps": 2, "save_steps": 2, "disc_only_steps": 1, "report_to": [],
+                  "max_steps": 3, "save_steps": 2, "disc_only_steps": 1, "report_to": [],
                   "learning_rate": 1e-4, "disc_learning_rate": 1e-4},
         # Sampled: a tiny random model's greedy output is whitespace only, which would leave nothing to score.
         "generate": {"prompt_sets": [str(VICUNA)], "limit": 4, "max_new_tokens": 6, "batch_size": 4, "temperature": 1.0},

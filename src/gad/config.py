@@ -94,6 +94,10 @@ class TrainConfig(_Strict):
     epochs: float | None = Field(None, gt=0, description="Default: 1 for seqkd/warmup, 2 for gad (paper).")
     max_steps: int = Field(-1, description="Stop after this many steps (-1: run the epochs).")
     save_steps: int = Field(50, gt=0, description="Checkpoint interval (paper: 50).")
+    keep_resume_states: int = Field(
+        1, ge=1, description="Newest checkpoints that keep optimizer states for --resume (AdamW: twice the "
+        "weights of each trained model); older ones keep weights only, for the sweep. A finished stage keeps none.",
+    )
     beta: float = Field(0.001, ge=0.0, description="KL coefficient, k3 estimator (paper: 0.001).")
     epsilon: float = Field(0.2, gt=0.0, description="PPO-style clip (paper: 0.2).")
     disc_loss: Literal["bt", "ce"] = Field("bt", description="Bradley-Terry (paper) or cross-entropy GAN loss (ablation).")

@@ -11,7 +11,17 @@ log = logging.getLogger(__name__)
 
 
 def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
-    """Run ``cfg.train.stage``; return the exported final model directory."""
+    """Run ``cfg.train.stage``; return the exported final model directory.
+
+    ``--resume`` on a stage that already exported a complete ``final/`` does nothing: its
+    optimizer states are gone by design, and retraining from scratch would overwrite it.
+    """
+    from gad.trainers.common import is_complete, stage_dir
+
+    final = stage_dir(cfg, cfg.train.stage) / "final"
+    if resume is not None and is_complete(final):
+        log.info("%s already finished: %s (delete it to train again)", cfg.train.stage, final)
+        return final
     if cfg.train.stage == "seqkd":
         from gad.trainers.seqkd import run_seqkd
 

@@ -23,6 +23,9 @@ DEFAULT_LR = {"seqkd": 5e-6, "warmup": 1e-6, "gad": 1e-6}
 DEFAULT_EPOCHS = {"seqkd": 3.0, "warmup": 1.0, "gad": 2.0}
 COMPLETE_MARKER = "COMPLETE"
 DISCRIMINATOR_DIR = "discriminator"
+D_OPTIMIZER_FILE = "discriminator_optimizer.pt"
+# What only --resume needs: twice a model's size per optimizer. Weights stay in every checkpoint.
+RESUME_STATE_FILES = ("optimizer.pt", "scheduler.pt", D_OPTIMIZER_FILE)
 
 # TRL / Trainer log keys -> the names this project documents (both are kept in metrics.jsonl).
 METRIC_ALIASES = {
@@ -127,18 +130,38 @@ class CompleteCheckpointMixin:
 
     transformers writes ``checkpoint-N`` in place; a run killed mid-save leaves a partial
     folder without the marker, which resume ignores, so the last good checkpoint stays usable.
-    Subclasses add their own files in :meth:`save_extra_state`.
+    Only the newest ``keep_resume_states`` checkpoints keep their optimizer states; older ones
+    keep their weights (for ``gad generate --sweep``). Subclasses add files in :meth:`save_extra_state`.
     """
 
-    def save_extra_state(self, checkpoint_dir: Path) -> None:
+    keep_resume_states: int = 1
+
+    def save_extra_state(self, checkpoint_dir: Path, with_optimizer: bool = True) -> None:
         """Hook for more state in each checkpoint (runs before the marker)."""
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)  # type: ignore[misc]
-        ckpt = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
+        out_dir = Path(self._get_output_dir(trial=trial))  # type: ignore[attr-defined]
+        ckpt = out_dir / f"checkpoint-{self.state.global_step}"  # type: ignore[attr-defined]
         self.save_extra_state(ckpt)
         if self.args.should_save:  # type: ignore[attr-defined]
             mark_complete(ckpt)
+            prune_resume_states(out_dir, self.keep_resume_states)
+
+    def export_final(self, final: Path, tokenizer: Any) -> Path:
+        """Write ``final/`` (weights, tokenizer, extra weights; no optimizer), then tidy the stage dir.
+
+        The trainer's end-of-training checkpoint is the same weights as ``final/``, so it is
+        removed; a finished stage has nothing left to resume, so no optimizer state is kept.
+        """
+        self.save_model(str(final))  # type: ignore[attr-defined]
+        if self.args.should_save:  # type: ignore[attr-defined]
+            tokenizer.save_pretrained(final)
+            self.save_extra_state(final, with_optimizer=False)
+            mark_complete(final)
+            shutil.rmtree(final.parent / f"checkpoint-{self.state.global_step}", ignore_errors=True)  # type: ignore[attr-defined]
+            prune_resume_states(final.parent, keep=0)
+        return final
 
 
 def mark_complete(directory: Path) -> None:
@@ -152,20 +175,40 @@ def is_complete(directory: Path) -> bool:
     return (directory / COMPLETE_MARKER).is_file()
 
 
+def checkpoints(out_dir: Path) -> list[Path]:
+    """``checkpoint-N`` folders of a stage, by step."""
+    return sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+
+
+def has_resume_state(checkpoint: Path) -> bool:
+    return is_complete(checkpoint) and (checkpoint / "optimizer.pt").is_file()
+
+
+def prune_resume_states(out_dir: Path, keep: int) -> None:
+    """Delete the optimizer states of all but the newest ``keep`` complete checkpoints."""
+    complete = [p for p in checkpoints(out_dir) if is_complete(p)]
+    for ckpt in complete[: max(len(complete) - keep, 0)]:
+        for name in RESUME_STATE_FILES:
+            (ckpt / name).unlink(missing_ok=True)
+
+
 def resolve_resume(out_dir: Path, resume: str | None) -> str | None:
-    """``latest`` -> newest complete ``checkpoint-N`` (partial ones are removed); a path -> itself."""
+    """``latest`` -> newest complete ``checkpoint-N`` with optimizer states (partial ones are removed)."""
     if resume is None:
         return None
     if resume != "latest":
-        if not is_complete(Path(resume)):
-            raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+        if not has_resume_state(Path(resume)):
+            raise ConfigError(
+                f"--resume {resume}: not a resumable checkpoint (no {COMPLETE_MARKER} marker or no optimizer "
+                "state; only the newest train.keep_resume_states checkpoints keep it)"
+            )
         return resume
-    found = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    complete = [p for p in found if is_complete(p)]
+    found = checkpoints(out_dir)
     for partial in (p for p in found if not is_complete(p)):
         log.warning("removing partial checkpoint %s (killed while saving)", partial)
         shutil.rmtree(partial, ignore_errors=True)
-    if not complete:
-        log.warning("--resume: no complete checkpoint in %s, starting from scratch", out_dir)
+    resumable = [p for p in found if has_resume_state(p)]
+    if not resumable:
+        log.warning("--resume: no resumable checkpoint in %s, starting from scratch", out_dir)
         return None
-    return str(complete[-1])
+    return str(resumable[-1])

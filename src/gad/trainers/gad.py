@@ -45,11 +45,11 @@ from gad.config import RunConfig, save_resolved_config
 from gad.discriminator import TextEncoder, load_discriminator, save_discriminator
 from gad.models import load_tokenizer, resolve_model_path
 from gad.trainers.common import (
+    D_OPTIMIZER_FILE,
     DISCRIMINATOR_DIR,
     CompleteCheckpointMixin,
     MetricsJsonl,
     check_enough_prompts,
-    mark_complete,
     resolve_resume,
     stage_dir,
     trainer_args,
@@ -58,7 +58,6 @@ from gad.trainers.common import (
 from gad.trainers.discriminator_update import DiscriminatorStep, DiscriminatorUpdater, check_finite
 
 log = logging.getLogger(__name__)
-D_OPTIMIZER_FILE = "discriminator_optimizer.pt"
 
 
 class DiscriminatorReward:
@@ -128,11 +127,11 @@ class GADTrainer(CompleteCheckpointMixin, GRPOTrainer):
         check_finite(loss.detach(), "generator loss", self.state.global_step)
         return loss
 
-    def save_extra_state(self, checkpoint_dir: Path) -> None:
+    def save_extra_state(self, checkpoint_dir: Path, with_optimizer: bool = True) -> None:
         if not self.args.should_save:
             return
         save_discriminator(self.discriminator.model, self.discriminator.tokenizer, checkpoint_dir / DISCRIMINATOR_DIR)
-        if self.discriminator.optimizer is not None:
+        if with_optimizer and self.discriminator.optimizer is not None:
             torch.save(
                 {"optimizer": self.discriminator.optimizer.state_dict(),
                  "scheduler": self.discriminator.scheduler.state_dict() if self.discriminator.scheduler else None},
@@ -284,11 +283,6 @@ def run_gad_stage(cfg: RunConfig, stage: str, resume: str | None = None) -> Path
     else:
         trainer = GADTrainer(**common)
     log.info("%s: generator %s, discriminator %s%s", stage, generator_spec, d_spec, " (frozen)" if frozen else "")
+    trainer.keep_resume_states = cfg.train.keep_resume_states
     trainer.train(resume_from_checkpoint=resolve_resume(out_dir, resume))
-    final = out_dir / "final"
-    trainer.save_model(str(final))
-    if trainer.args.should_save:
-        tokenizer.save_pretrained(final)
-        trainer.save_extra_state(final)
-        mark_complete(final)
-    return final
+    return trainer.export_final(out_dir / "final", tokenizer)

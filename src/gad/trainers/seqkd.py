@@ -19,7 +19,6 @@ from gad.trainers.common import (
     CompleteCheckpointMixin,
     MetricsJsonl,
     check_enough_prompts,
-    mark_complete,
     resolve_resume,
     stage_dir,
     trainer_args,
@@ -59,10 +58,6 @@ def run_seqkd(cfg: RunConfig, resume: str | None = None) -> Path:
         processing_class=tokenizer,
         callbacks=[MetricsJsonl(out_dir / "metrics.jsonl", "seqkd")],
     )
+    trainer.keep_resume_states = cfg.train.keep_resume_states
     trainer.train(resume_from_checkpoint=resolve_resume(out_dir, resume))
-    final = out_dir / "final"
-    trainer.save_model(str(final))
-    if trainer.args.should_save:
-        tokenizer.save_pretrained(final)
-        mark_complete(final)
-    return final
+    return trainer.export_final(out_dir / "final", tokenizer)
