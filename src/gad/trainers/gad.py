@@ -222,6 +222,7 @@ def build_discriminator(cfg: RunConfig, spec: str, frozen: bool, device: torch.d
         micro_batch_size=cfg.train.micro_batch_size,
         max_grad_norm=cfg.train.max_grad_norm,
         autocast_dtype=torch.bfloat16 if bf16 else None,
+        single_pass=cfg.train.disc_single_pass,
     )
 
 
