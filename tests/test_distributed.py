@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -43,3 +44,15 @@ def test_gad_trainer_runs_on_two_cpu_processes(tmp_path: Path, tiny_model_dir: P
                           env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "gad" / "final" / "discriminator" / "model.safetensors").is_file()
+
+
+def test_warmup_sft_row_once_per_prompt_when_rollouts_span_processes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """1 prompt x 4 rollouts on 2 processes: 2 rollouts each, but one teacher-text SFT row in all."""
+    cfg = write_tiny_setup(tmp_path, tiny_model_dir, max_steps=2, batch_prompts=1, num_generations=4,
+                           micro_batch_size=2, disc_only_steps=0)
+    proc = subprocess.run(torchrun("-m", "gad.cli", "train", "--config", str(cfg), "--stage", "warmup"),
+                          env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(l) for l in (tmp_path / "run" / "warmup" / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["sft_prompts"] for r in rows if "sft_prompts" in r]
+    assert counts == [1.0, 1.0], counts

@@ -20,7 +20,8 @@ Departures from plain GRPO / the paper's verl code, all deliberate:
     the D loss (one D pass per sequence), and each teacher response is forwarded once per
     prompt. D's gradients are all-reduced by hand (see ``discriminator_update``).
   * Rollouts are decoded to text and re-encoded for D exactly like teacher text.
-  * In warmup the teacher-text SFT loss uses one row per prompt, not one per rollout.
+  * In warmup the teacher-text SFT loss uses one row per prompt (over all processes), not one
+    per rollout.
 
 TRL methods wrapped (each calls ``super()``): ``_generate_and_score_completions`` (timing,
 warmup's teacher tokens), ``training_step`` (timing), ``compute_loss`` (finite check; warmup
@@ -170,18 +171,27 @@ class WarmupTrainer(GADTrainer):
         for i, t in enumerate(targets):
             ids[i, : len(t)] = torch.tensor(t)
             mask[i, : len(t)] = 1
-        seen: set[str] = set()
-        sft_row = torch.tensor([not (x["id"] in seen or seen.add(x["id"])) for x in inputs])
+        # One SFT row per prompt over all processes, even when a prompt's rollouts span two of
+        # them: TRL lays a prompt's N rollouts out consecutively and gives each process a
+        # contiguous chunk of the generation batch (its own ``process_slice``).
+        n = self.num_generations if self.model.training else self.num_generations_eval
+        offset = self.accelerator.process_index * len(inputs)
+        sft_row = torch.tensor([(offset + i) % n == 0 for i in range(len(inputs))])
         device = self.accelerator.device
         output["teacher_ids"], output["teacher_mask"] = ids.to(device), mask.to(device)
         output["sft_row"] = sft_row.to(device)
         output["sft_tokens"] = self.accelerator.gather((mask.to(device) * output["sft_row"].unsqueeze(1)).sum()).sum()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["sft_prompts"].append(self.accelerator.gather(output["sft_row"].sum()).sum().item())
         return output
 
     def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> torch.Tensor:
+        if self.state.global_step < self.disc_only_steps:  # the same on every process: no gradient reaches G
+            return torch.zeros((), device=self.accelerator.device, requires_grad=True)
         rows = inputs["sft_row"]
-        if self.state.global_step < self.disc_only_steps or not rows.any():
-            return torch.zeros((), device=self.accelerator.device, requires_grad=True)  # no gradient reaches G
+        weight = 1.0
+        if not rows.any():  # run one row at weight 0, so this process joins DDP's gradient all-reduce too
+            rows, weight = torch.arange(len(rows), device=rows.device) == 0, 0.0
         target, target_mask = inputs["teacher_ids"][rows], inputs["teacher_mask"][rows]
         ids = torch.cat([inputs["prompt_ids"][rows], target], dim=1)
         mask = torch.cat([inputs["prompt_mask"][rows], target_mask], dim=1)
@@ -192,9 +202,10 @@ class WarmupTrainer(GADTrainer):
         # Same normalisation as TRL's dapo loss: tokens of the whole generation batch, all ranks.
         normalizer = inputs["sft_tokens"].clamp(min=1) / self.accelerator.num_processes
         normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        loss = nll / normalizer
+        loss = weight * nll / normalizer
         check_finite(loss.detach(), "warmup SFT loss", self.state.global_step)
-        self._metrics["train"]["sft_loss"].append((nll / target_mask.sum().clamp(min=1)).item())
+        if weight:
+            self._metrics["train"]["sft_loss"].append((nll / target_mask.sum().clamp(min=1)).item())
         return loss
 
 
