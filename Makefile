@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 .PHONY: install quickstart test test-fast clean
 
 # torch is pinned first so no dependency can pull a multi-GB CUDA build on a CPU machine.
-$(STAMP): pyproject.toml Makefile
+$(STAMP): setup.py pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0

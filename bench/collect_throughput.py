@@ -25,13 +25,13 @@ import urllib.request
 from importlib import resources
 from pathlib import Path
 
-from gad.config import TeacherConfig
-from gad.llama_server import LlamaServer
-from gad.teacher import run_requests_with_stats
+from gad_megatron.config import TeacherConfig
+from gad_megatron.llama_server import LlamaServer
+from gad_megatron.teacher import run_requests_with_stats
 
 
 def load_prompts(n: int) -> list[list[dict]]:
-    text = resources.files("gad.assets").joinpath("quickstart_prompts.jsonl").read_text(encoding="utf-8")
+    text = resources.files("gad_megatron.assets").joinpath("quickstart_prompts.jsonl").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return [rows[i % len(rows)]["prompt"] for i in range(n)]
 

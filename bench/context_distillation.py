@@ -22,11 +22,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from gad.config import DEFAULT_STUDENT
-from gad.data import read_jsonl
-from gad.evaluation.evaluate import evaluate_run
-from gad.evaluation.generate import run_generate
-from gad.quickstart import FULL, add_style_rates, build_config, collect_teacher, train_all, train_once
+from gad_megatron.config import DEFAULT_STUDENT
+from gad_megatron.data import read_jsonl
+from gad_megatron.evaluation.evaluate import evaluate_run
+from gad_megatron.evaluation.generate import run_generate
+from gad_megatron.quickstart import FULL, add_style_rates, build_config, collect_teacher, train_all, train_once
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METRICS = {

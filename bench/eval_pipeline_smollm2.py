@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from gad.config import parse_config
-from gad.evaluation.evaluate import evaluate_run
-from gad.evaluation.generate import run_generate
-from gad.evaluation.judge import format_demo_messages
-from gad.evaluation.report import write_report
-from gad.llama_server import LlamaServer
+from gad_megatron.config import parse_config
+from gad_megatron.evaluation.evaluate import evaluate_run
+from gad_megatron.evaluation.generate import run_generate
+from gad_megatron.evaluation.judge import format_demo_messages
+from gad_megatron.evaluation.report import write_report
+from gad_megatron.llama_server import LlamaServer
 
 VICUNA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna80.jsonl"
 STYLE = [  # hidden teacher-side context: every answer opens with a marker and stays short

@@ -32,9 +32,9 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from gad.config import parse_config
-from gad.models import load_tokenizer, resolve_model_path
-from gad.trainers.gad import GADTrainer, _grpo_config, build_discriminator
+from gad_megatron.config import parse_config
+from gad_megatron.models.sources import load_tokenizer, resolve_model_path
+from gad_megatron.trainers.gad import GADTrainer, _grpo_config, build_discriminator
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "seed_tasks175.jsonl"
 VARIANTS = ("gad_single_pass", "gad_recompute", "grpo_frozen_rm")

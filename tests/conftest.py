@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gad.models import make_tiny_model
+from gad_megatron.models.sources import make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir: Path):
-    from gad.models import load_tokenizer
+    from gad_megatron.models.sources import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gad.config import ConfigError
-from gad.trainers.common import (
+from gad_megatron.config import ConfigError
+from gad_megatron.trainers.common import (
     D_OPTIMIZER_FILE,
     mark_complete,
     prune_resume_states,
@@ -57,8 +57,8 @@ def test_resume_with_nothing_resumable_starts_fresh(tmp_path: Path) -> None:
 
 
 def test_resume_of_a_finished_stage_keeps_it(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from gad.config import load_config
-    from gad.trainers import train_stage
+    from gad_megatron.config import load_config
+    from gad_megatron.trainers import train_stage
     from tests.helpers.tiny_run import write_tiny_setup
 
     cfg = load_config(write_tiny_setup(tmp_path, tiny_model_dir), ["train.stage=gad"])

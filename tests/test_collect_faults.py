@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gad.collect import collect, run_collect
-from gad.config import parse_config
-from gad.data import read_jsonl
-from gad.llama_server import LlamaServer
-from gad.teacher import RetryPolicy
+from gad_megatron.collect import collect, run_collect
+from gad_megatron.config import parse_config
+from gad_megatron.data import read_jsonl
+from gad_megatron.llama_server import LlamaServer
+from gad_megatron.teacher import RetryPolicy
 from tests.fault_proxy import FAULTS, FaultProxy, RotatingPlan
 
 pytestmark = pytest.mark.server
@@ -64,7 +64,7 @@ def cached_rows(path: Path) -> int:
 def test_faults_every_row_answered_and_rerun_sends_nothing(server, tmp_path):
     n = 24
     records = [{**p, "prompt": [{"role": "user", "content": p["prompt"]}]} for p in prompts(n, "F ")]
-    from gad.config import TeacherConfig
+    from gad_megatron.config import TeacherConfig
 
     with FaultProxy(upstream(server), RotatingPlan(FAULTS, max_faults=2), retry_after_s=1) as proxy:
         cfg = TeacherConfig(**teacher_cfg(proxy.base_url))
@@ -158,7 +158,7 @@ def test_sigkill_mid_run_then_resume_gives_each_row_once(server, tmp_path):
         cfg_path = tmp_path / "run.yaml"
         cfg_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
         cache = tmp_path / "run" / "teacher_cache.sqlite"
-        cmd = [sys.executable, "-m", "gad.cli", "collect", "--config", str(cfg_path)]
+        cmd = [sys.executable, "-m", "gad_megatron.cli", "collect", "--config", str(cfg_path)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
         with open(tmp_path / "first.log", "wb") as log:

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gad import cli
-from gad.collect import collect, load_collected, run_collect
-from gad.config import ConfigError, Message, TeacherConfig, load_config, parse_config
-from gad.data import read_jsonl
-from gad.llama_server import LlamaServer, LlamaServerError
+from gad_megatron import cli
+from gad_megatron.collect import collect, load_collected, run_collect
+from gad_megatron.config import ConfigError, Message, TeacherConfig, load_config, parse_config
+from gad_megatron.data import read_jsonl
+from gad_megatron.llama_server import LlamaServer, LlamaServerError
 from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.server
@@ -31,7 +31,7 @@ DEMOS = [
 
 
 def quickstart_prompts(n: int) -> list[dict]:
-    text = resources.files("gad.assets").joinpath("quickstart_prompts.jsonl").read_text(encoding="utf-8")
+    text = resources.files("gad_megatron.assets").joinpath("quickstart_prompts.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()][:n]
 
 
@@ -100,7 +100,7 @@ def write_run(tmp_path: Path, server_url: str, model: str, prompts: list[dict], 
         "run_dir": str(tmp_path / "run"),
         "data": {"path": str(data)},
         "teacher": {"base_url": server_url, "model": model, "api_key_env": None, "temperature": 0.0,
-                    "max_tokens": 12, "concurrency": 2, "timeout_s": 60.0, **teacher_kw},
+                    "max_tokens": 40, "concurrency": 2, "timeout_s": 60.0, **teacher_kw},
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gad.config import ConfigError, RunConfig, apply_overrides, load_config, save_resolved_config
+from gad_megatron.config import ConfigError, RunConfig, apply_overrides, load_config, save_resolved_config
 
 
 def write_config(tmp_path: Path, tree: dict) -> Path:
@@ -94,7 +94,7 @@ def test_resolved_config_roundtrip(tmp_path: Path, base: dict) -> None:
 def test_cli_bad_config_one_line_exit_2(tmp_path: Path, base: dict) -> None:
     base["bogus"] = 1
     path = write_config(tmp_path, base)
-    proc = subprocess.run([sys.executable, "-m", "gad.cli", "collect", "--config", str(path)],
+    proc = subprocess.run([sys.executable, "-m", "gad_megatron.cli", "collect", "--config", str(path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
@@ -102,9 +102,9 @@ def test_cli_bad_config_one_line_exit_2(tmp_path: Path, base: dict) -> None:
 
 
 def test_cli_help_lists_subcommands() -> None:
-    proc = subprocess.run([sys.executable, "-m", "gad.cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "gad_megatron.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     for name in ("collect", "train", "generate", "eval", "report", "quickstart"):
         assert name in proc.stdout
-    version = subprocess.run([sys.executable, "-m", "gad.cli", "--version"], capture_output=True, text=True)
+    version = subprocess.run([sys.executable, "-m", "gad_megatron.cli", "--version"], capture_output=True, text=True)
     assert version.stdout.startswith("gad ")

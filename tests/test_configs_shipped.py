@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gad.config import load_config
+from gad_megatron.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

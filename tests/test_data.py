@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gad.config import DataConfig
-from gad.data import DataError, filter_long_prompts, load_records, prompt_id, read_jsonl, write_jsonl
+from gad_megatron.config import DataConfig
+from gad_megatron.data import DataError, filter_long_prompts, load_records, prompt_id, read_jsonl, write_jsonl
 
 
 def jsonl(tmp_path: Path, lines: list[str | bytes], name: str = "d.jsonl") -> Path:
@@ -98,7 +98,7 @@ def test_long_prompts_are_counted(tmp_path: Path, tiny_tokenizer) -> None:
     rows = [{"id": "s", "prompt": [{"role": "user", "content": "short"}]},
             {"id": "l", "prompt": [{"role": "user", "content": "word " * 400}]}]
     kept, dropped = filter_long_prompts(rows, tiny_tokenizer, max_len=64)
-    assert [r["id"] for r in kept] == ["s"] and dropped == 1
+    assert [r["id"] for r in kept] == ["s"] and dropped == ["l"]
 
 
 def test_write_jsonl_atomic_roundtrip(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gad.discriminator import TextEncoder, last_real_index, load_discriminator, right_pad, score_sequences
-from gad.trainers.discriminator_update import DiscriminatorUpdater, NonFiniteError
+from gad_megatron.discriminator import TextEncoder, last_real_index, load_discriminator, right_pad, score_sequences
+from gad_megatron.trainers.discriminator_update import DiscriminatorUpdater, NonFiniteError
 
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 

@@ -40,7 +40,7 @@ def test_discriminator_step_two_ranks_equals_one_process(tmp_path: Path, tiny_mo
 def test_gad_trainer_runs_on_two_cpu_processes(tmp_path: Path, tiny_model_dir: Path) -> None:
     cfg = write_tiny_setup(tmp_path, tiny_model_dir, max_steps=2, init_from=str(tiny_model_dir), batch_prompts=2,
                            num_generations=2, micro_batch_size=1)
-    proc = subprocess.run(torchrun("-m", "gad.cli", "train", "--config", str(cfg), "--stage", "gad"),
+    proc = subprocess.run(torchrun("-m", "gad_megatron.cli", "train", "--config", str(cfg), "--stage", "gad"),
                           env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "run" / "gad" / "final" / "discriminator" / "model.safetensors").is_file()
@@ -50,7 +50,7 @@ def test_warmup_sft_row_once_per_prompt_when_rollouts_span_processes(tmp_path: P
     """1 prompt x 4 rollouts on 2 processes: 2 rollouts each, but one teacher-text SFT row in all."""
     cfg = write_tiny_setup(tmp_path, tiny_model_dir, max_steps=2, batch_prompts=1, num_generations=4,
                            micro_batch_size=2, disc_only_steps=0)
-    proc = subprocess.run(torchrun("-m", "gad.cli", "train", "--config", str(cfg), "--stage", "warmup"),
+    proc = subprocess.run(torchrun("-m", "gad_megatron.cli", "train", "--config", str(cfg), "--stage", "warmup"),
                           env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(l) for l in (tmp_path / "run" / "warmup" / "metrics.jsonl").read_text().splitlines()]

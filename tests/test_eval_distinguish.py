@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gad.evaluation.distinguish import distinguishability, featurize, wilson_interval
+from gad_megatron.evaluation.distinguish import distinguishability, featurize, wilson_interval
 
 WORDS = "the a cat dog sat ran on over mat hill quickly slowly green red house tree".split()
 
@@ -58,7 +58,7 @@ def test_too_few_prompts_and_misaligned_input():
 
 
 def test_discriminator_classifier_same_protocol(tiny_model_dir):
-    from gad.evaluation.distinguish import discriminator_distinguishability
+    from gad_megatron.evaluation.distinguish import discriminator_distinguishability
 
     prompts = [[{"role": "user", "content": f"Question {i}?"}] for i in range(6)]
     texts = _sentences(5, 6)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gad.config import ConfigError, parse_config
-from gad.data import read_jsonl
-from gad.evaluation.generate import (
+from gad_megatron.config import ConfigError, parse_config
+from gad_megatron.data import read_jsonl
+from gad_megatron.evaluation.generate import (
     _generate_hf,
     find_checkpoints,
     final_model,
@@ -19,7 +19,7 @@ from gad.evaluation.generate import (
     model_tag,
     run_generate,
 )
-from gad.evaluation.suites import BUILTIN_SUITES, load_suite
+from gad_megatron.evaluation.suites import BUILTIN_SUITES, load_suite
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VICUNA = DATA / "vicuna80.jsonl"
@@ -93,7 +93,7 @@ def test_suites_local_and_builtin_names(monkeypatch):
     def offline():
         raise ConnectionError("hub unreachable")
 
-    from gad.evaluation import suites as suites_mod
+    from gad_megatron.evaluation import suites as suites_mod
 
     monkeypatch.setitem(suites_mod.BUILTIN_SUITES, "vicuna", suites_mod._HubSuite(offline, 80, "x"))
     with pytest.raises(ConfigError, match="local JSONL"):
@@ -144,7 +144,7 @@ def test_sweep_every_checkpoint(tmp_path, tiny_model_dir):
 def test_cli_generate(tmp_path, tiny_model_dir):
     import yaml
 
-    from gad import cli
+    from gad_megatron import cli
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "student": str(tiny_model_dir),

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from gad.config import TeacherConfig, parse_config
-from gad.data import read_jsonl, write_jsonl
-from gad.evaluation.judge import format_demo_messages, judge_pairs, judge_references, parse_ratings, rating_messages
-from gad.teacher import Completion
+from gad_megatron.config import TeacherConfig, parse_config
+from gad_megatron.data import read_jsonl, write_jsonl
+from gad_megatron.evaluation.judge import format_demo_messages, judge_pairs, judge_references, parse_ratings, rating_messages
+from gad_megatron.teacher import Completion
 
 VICUNA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna80.jsonl"
 
@@ -123,8 +123,8 @@ def test_rating_prompt_shows_the_whole_conversation():
 
 @pytest.mark.server
 def test_judge_end_to_end_real_server(tmp_path, tiny_model_dir):
-    from gad.evaluation.evaluate import evaluate_run
-    from gad.llama_server import LlamaServer
+    from gad_megatron.evaluation.evaluate import evaluate_run
+    from gad_megatron.llama_server import LlamaServer
 
     run = tmp_path / "run"
     prompts = [json.loads(line) for line in VICUNA.read_text().splitlines()[:2]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gad.evaluation.loglik import candidate_loglik, mean_loglik, teacher_loglik
+from gad_megatron.evaluation.loglik import candidate_loglik, mean_loglik, teacher_loglik
 
 PROMPTS = [
     [{"role": "user", "content": "Name a colour."}],
@@ -30,7 +30,7 @@ def _direct(model, tok, prompt, response, finished=True, context=()):
 
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_model_dir):
-    from gad.models import load_causal_lm
+    from gad_megatron.models.sources import load_causal_lm
 
     return load_causal_lm(str(tiny_model_dir)).eval()
 

@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gad import cli
-from gad.config import parse_config
-from gad.data import read_jsonl, write_jsonl
-from gad.evaluation.evaluate import evaluate_run
-from gad.evaluation.generate import run_generate
-from gad.evaluation.report import plot_training_curves, write_report
+from gad_megatron import cli
+from gad_megatron.config import parse_config
+from gad_megatron.data import read_jsonl, write_jsonl
+from gad_megatron.evaluation.evaluate import evaluate_run
+from gad_megatron.evaluation.generate import run_generate
+from gad_megatron.evaluation.report import plot_training_curves, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 VICUNA = ROOT.parent / "shared" / "data" / "vicuna80.jsonl"
@@ -58,7 +58,7 @@ def _decode_png(data: bytes) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
     """warmup (3 steps) then gad (3 steps) with the real trainers; checkpoint-2 + final (step 3)."""
-    from gad.trainers import train_stage
+    from gad_megatron.trainers import train_stage
 
     root = tmp_path_factory.mktemp("report")
     data = root / "train.jsonl"
@@ -143,7 +143,7 @@ def test_headless_browser_loads_images(trained_run):
 
 
 def test_curves_tolerate_missing_keys_and_bad_lines(tmp_path):
-    from gad.evaluation.report import load_run
+    from gad_megatron.evaluation.report import load_run
 
     run = tmp_path / "run"
     (run / "seqkd").mkdir(parents=True)

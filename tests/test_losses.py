@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from gad.losses import bradley_terry_loss, cross_entropy_gan_loss, group_advantages, pair_accuracy
+from gad_megatron.losses import bradley_terry_loss, cross_entropy_gan_loss, group_advantages, pair_accuracy
 
 
 def test_bradley_terry_hand_values() -> None:

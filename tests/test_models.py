@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gad import models
-from gad.config import ConfigError
+from gad_megatron.models import sources as models
+from gad_megatron.config import ConfigError
 
 
 def test_alias_converts_once_then_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

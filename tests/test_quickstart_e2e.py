@@ -11,7 +11,7 @@ import pytest
 
 
 def quickstart(run_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gad.cli", "quickstart", "--tiny", "--run-dir", str(run_dir)],
+    return subprocess.run([sys.executable, "-m", "gad_megatron.cli", "quickstart", "--tiny", "--run-dir", str(run_dir)],
                           capture_output=True, text=True, timeout=1500)
 
 

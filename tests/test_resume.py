@@ -16,7 +16,7 @@ COMPARED = ("loss", "d_loss", "d_acc", "reward_mean", "kl", "teacher_score", "st
 
 
 def gad_cmd(cfg: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gad.cli", "train", "--config", str(cfg), "--stage", "gad", *extra]
+    return [sys.executable, "-m", "gad_megatron.cli", "train", "--config", str(cfg), "--stage", "gad", *extra]
 
 
 def last_rows_by_step(stage_dir: Path) -> dict[int, dict]:

@@ -1,10 +1,10 @@
-"""Unit tests for gad.style and the packaged quickstart assets."""
+"""Unit tests for gad_megatron.style and the packaged quickstart assets."""
 
 from __future__ import annotations
 
 import pytest
 
-from gad.style import (
+from gad_megatron.style import (
     Marker,
     TeacherStyle,
     load_quickstart_prompts,

@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from gad.cache import ResponseCache, cache_key
-from gad.config import ConfigError, Message, TeacherConfig
-from gad.teacher import (
+from gad_megatron.cache import ResponseCache, cache_key
+from gad_megatron.config import ConfigError, Message, TeacherConfig
+from gad_megatron.teacher import (
     ChatClient,
     Completion,
     RequestStats,
@@ -386,7 +386,7 @@ def test_run_requests_caches_dedupes_and_retries_only_failures(tmp_path):
 
 
 def test_run_requests_works_inside_a_running_loop(tmp_path):
-    from gad.teacher import run_requests
+    from gad_megatron.teacher import run_requests
 
     cfg = TeacherConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None)
     script = Script()

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gad.config import ConfigError, load_config
-from gad.losses import group_advantages
-from gad.trainers import train_stage
-from gad.trainers import gad as gad_module
+from gad_megatron.config import ConfigError, load_config
+from gad_megatron.losses import group_advantages
+from gad_megatron.trainers import train_stage
+from gad_megatron.trainers import gad as gad_module
 from tests.helpers.tiny_run import write_tiny_setup
 
 GAD_METRICS = {

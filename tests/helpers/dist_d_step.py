@@ -13,9 +13,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from gad.discriminator import TextEncoder, load_discriminator
-from gad.models import load_tokenizer
-from gad.trainers.discriminator_update import DiscriminatorUpdater
+from gad_megatron.discriminator import TextEncoder, load_discriminator
+from gad_megatron.models.sources import load_tokenizer
+from gad_megatron.trainers.discriminator_update import DiscriminatorUpdater
 
 A = [{"role": "user", "content": "Name a colour."}]
 B = [{"role": "user", "content": "Name a fruit."}]

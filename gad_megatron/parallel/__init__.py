@@ -1,0 +1,1 @@
+"""Process groups and launch (torchrun or SLURM), and megatron-core on CPU."""

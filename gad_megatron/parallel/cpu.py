@@ -1,0 +1,411 @@
+"""megatron-core on a CPU: the bridge over its CUDA assumptions (active only without CUDA).
+
+megatron-core 0.16.1 calls ``torch.cuda`` as if a GPU were always there: devices from
+``torch.cuda.current_device()``, ``device="cuda"`` literals, stream waits and synchronizes,
+a CUDA RNG tracker, ``param.type() == 'torch.cuda.FloatTensor'`` filters. Nothing about the
+maths needs a GPU, so with gloo it trains fine on CPU once those calls are answered.
+
+How the bridge stays narrow:
+
+* **Only megatron's modules see it.** Each ``megatron.core.*`` module's global ``torch`` is
+  replaced by :class:`_TorchView`, a module object that forwards every attribute to the real
+  ``torch`` except ``torch.cuda`` (answered by :class:`_CudaView`) and the tensor factories,
+  whose ``device="cuda"`` becomes the CPU. The real ``torch`` and ``torch.cuda`` are never
+  modified, so transformers (or anything else) in the same process computes exactly what it
+  did (a process-wide patch of the factories once turned transformers' logits into NaN: it
+  poisoned ``torch.utils._device._device_constructors``' cache).
+* **A few functions are replaced by name** where the CUDA dependence is not a ``torch``
+  lookup (a ``.cuda()`` call, a tensor-type string, a fused kernel). Each is listed in
+  :data:`REPLACED` with a hash of the source it was written against;
+  ``tests/test_parallel_cpu.py`` fails when megatron-core changes one of them.
+* **RNG**: the CUDA RNG tracker becomes :class:`CpuRNGStatesTracker`, which keeps named CPU
+  generator states with the same ``add`` / ``fork`` / ``get_states`` / ``set_states``
+  contract, so model-parallel seeding (``model_parallel_cuda_manual_seed``) and dropout forks
+  behave as on GPU.
+
+``enable_cpu_support()`` is idempotent and a no-op when CUDA is available. Call it after
+importing megatron-core modules (our builders do): modules imported later are covered by
+calling it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import inspect
+import sys
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_CPU = torch.device("cpu")
+_FACTORIES = (
+    "arange", "empty", "empty_strided", "eye", "full", "linspace", "ones", "rand", "randint",
+    "randn", "randperm", "tensor", "zeros", "as_tensor", "empty_like", "zeros_like", "ones_like",
+    "full_like",
+)  # fmt: skip
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, int):
+        return True  # an ordinal from torch.cuda.current_device() semantics
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+def _cpu_factory(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(fn)
+    def factory(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        return fn(*args, **kwargs)
+
+    return factory
+
+
+class _NullStream:
+    """Stands in for a CUDA stream or event: CPU work is already ordered."""
+
+    def wait_stream(self, _other: Any) -> None: ...
+    def wait_event(self, _event: Any) -> None: ...
+    def record_event(self, _event: Any = None) -> _NullStream:
+        return self
+
+    def record(self, _stream: Any = None) -> None: ...
+    def synchronize(self) -> None: ...
+    def query(self) -> bool:
+        return True
+
+    def __enter__(self) -> _NullStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class _CudaView(types.ModuleType):
+    """``torch.cuda`` as megatron-core sees it on a CPU machine."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.cuda")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device() -> torch.device:
+        return _CPU
+
+    @staticmethod
+    def device_count() -> int:
+        return 0
+
+    @staticmethod
+    def synchronize(_device: Any = None) -> None: ...
+
+    @staticmethod
+    def current_stream(_device: Any = None) -> _NullStream:
+        return _NullStream()
+
+    default_stream = current_stream
+
+    @staticmethod
+    def Stream(*_args: Any, **_kwargs: Any) -> _NullStream:  # noqa: N802 (torch's name)
+        return _NullStream()
+
+    Event = Stream
+
+    @staticmethod
+    def stream(_stream: Any) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def get_rng_state(_device: Any = "cuda") -> torch.Tensor:
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(state: torch.Tensor, _device: Any = "cuda") -> None:
+        torch.set_rng_state(state)
+
+    @staticmethod
+    def manual_seed(seed: int) -> None:
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def memory_allocated(_device: Any = None) -> int:
+        return 0
+
+    max_memory_allocated = memory_allocated
+    memory_reserved = memory_allocated
+    max_memory_reserved = memory_allocated
+
+    @staticmethod
+    def nvtx_range_push(_msg: str) -> None: ...
+
+    @staticmethod
+    def nvtx_range_pop() -> None: ...
+
+
+class _TorchView(types.ModuleType):
+    """``torch`` as megatron-core sees it: the real module but for ``cuda`` and the factories."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _CudaView()
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+class CpuRNGStatesTracker:
+    """Named CPU RNG states with the CUDA tracker's contract (``add``, ``fork``, states).
+
+    ``fork(name)`` swaps the process's CPU generator to the named state for the block and
+    back afterwards, so tensor-parallel ranks draw from their own streams for dropout and
+    weight init exactly as they would from CUDA generators.
+    """
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._is_initialized = False
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"RNG seed {seed} already used by another tracked state")
+        if name in self.states_:
+            raise ValueError(f"RNG state {name!r} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        outer = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(outer)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+        if name not in self.states_:
+            raise ValueError(f"RNG state {name!r} was never added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+_TENSOR_TYPE = torch.Tensor.type
+_GPU_VIEW_DEPTH = 0
+_TORCH_VIEW: _TorchView | None = None
+_ORIGINALS: dict[tuple[str, str], Any] = {}
+
+
+def _type_as_on_gpu(self: torch.Tensor, dtype: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+    if dtype is None and not kwargs and self.device.type == "cpu":
+        return _TENSOR_TYPE(self).replace("torch.", "torch.cuda.", 1)
+    return _TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _cuda_stays_on_cpu(self: torch.Tensor, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+    return self
+
+
+@contextlib.contextmanager
+def _tensors_as_on_gpu() -> Iterator[None]:
+    """While a replaced megatron-core function runs: ``t.type()`` names CUDA types, ``t.cuda()``
+    keeps ``t`` on the CPU. Restored on exit (nesting counted), so no other code sees it."""
+    global _GPU_VIEW_DEPTH
+    if _GPU_VIEW_DEPTH == 0:
+        torch.Tensor.type = _type_as_on_gpu  # type: ignore[method-assign]
+        torch.Tensor.cuda = _cuda_stays_on_cpu  # type: ignore[method-assign]
+    _GPU_VIEW_DEPTH += 1
+    try:
+        yield
+    finally:
+        _GPU_VIEW_DEPTH -= 1
+        if _GPU_VIEW_DEPTH == 0:
+            # Both live on torch._C.TensorBase: deleting the overrides restores them exactly.
+            del torch.Tensor.type
+            del torch.Tensor.cuda
+
+
+def _run_as_on_gpu(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def bridged(*args: Any, **kwargs: Any) -> Any:
+        with _tensors_as_on_gpu():
+            return fn(*args, **kwargs)
+
+    return bridged
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A megatron-core function run with tensors that look CUDA-resident, and why.
+
+    ``source_sha256`` is the hash of the function's source in the pinned megatron-core: a test
+    fails when an upgrade changes the function, so the bridge is re-checked, not trusted.
+    """
+
+    module: str
+    qualname: str  # "function" or "Class.method"
+    source_sha256: str
+    why: str
+
+    def owner_and_name(self) -> tuple[Any, str]:
+        owner: Any = sys.modules[self.module]
+        *path, name = self.qualname.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        return owner, name
+
+
+def source_sha256(obj: Any) -> str:
+    return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
+
+
+_OPT = "megatron.core.optimizer"
+_CKPT = "megatron.core.dist_checkpointing.exchange_utils"
+REPLACED: tuple[Replacement, ...] = (
+    Replacement(f"{_OPT}.clip_grads", "clip_grad_by_total_norm_fp32", "8edb9da5365045a5",
+                "asserts grad.type() == 'torch.cuda.FloatTensor' before scaling"),
+    Replacement(f"{_OPT}.optimizer", "Float16OptimizerWithFloat16Params.__init__", "1d470dedcf8e2f0e",
+                "sorts bf16/fp16/fp32 params by CUDA type names, raises on CPU ones"),
+    Replacement(f"{_OPT}.optimizer", "MegatronOptimizer.restore_from_cpu", "de89315ed4ce856a",
+                "moves offloaded params back with .cuda()"),
+    Replacement(f"{_OPT}.distrib_optimizer", "DistributedOptimizer._build_model_and_main_param_groups", "1b9f0ec06718f817",
+                "sorts params by CUDA type names, raises on CPU ones"),
+    Replacement(f"{_OPT}.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero", "812c52ea4568b0ff",
+                "gathers optimizer state through .cuda() buffers"),
+    Replacement("megatron.core.models.common.language_module.language_module",
+                "LanguageModule.setup_embeddings_and_output_layer", "005bdd3315b0611b",
+                "tied embeddings with PP > 1: .cuda() on the output layer copy"),
+    Replacement(_CKPT, "exchange_loaded_tensors_gather_rounds", "c94a7f0509291a8f", "moves loaded shards with .cuda()"),
+    Replacement(_CKPT, "exchange_loaded_tensors_broadcast", "f407cf439a0a7f6b", "moves loaded shards with .cuda()"),
+)  # fmt: skip
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def bridged_modules() -> list[str]:
+    """Names of the megatron-core modules that currently see the CPU view of ``torch``."""
+    return sorted(
+        name for name, mod in list(sys.modules.items())
+        if name.startswith("megatron.core") and isinstance(getattr(mod, "torch", None), _TorchView)
+    )  # fmt: skip
+
+
+def _rebind_imported_names(original: Any, wrapped: Any) -> None:
+    """``from .clip_grads import clip_grad_by_total_norm_fp32`` copies the function into other
+    megatron-core modules: point those names at the wrapper too."""
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("megatron.core"):
+            for attr, value in list(vars(mod).items()):
+                if value is original:
+                    setattr(mod, attr, wrapped)
+
+
+def _bridge_module(mod: types.ModuleType) -> None:
+    if getattr(mod, "torch", None) is torch and _TORCH_VIEW is not None:
+        mod.torch = _TORCH_VIEW
+
+
+class _BridgeLoader(importlib.abc.Loader):
+    """Runs a megatron-core module's own loader, then gives the module the CPU view of torch."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self.inner = inner
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self.inner.exec_module(module)
+        _bridge_module(module)
+
+
+class _BridgeFinder(importlib.abc.MetaPathFinder):
+    """Covers megatron-core modules imported lazily, mid-call (e.g. dist-checkpoint writers)."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if not name.startswith("megatron.core"):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _BridgeLoader(spec.loader)
+                return spec
+        return None
+
+
+def enable_cpu_support() -> bool:
+    """Bridge every imported megatron-core module to the CPU; return whether it is active.
+
+    A no-op returning False when CUDA is available. Idempotent; call again after importing
+    more megatron-core modules.
+    """
+    global _TORCH_VIEW
+    if cuda_available():
+        return False
+    import megatron.core.tensor_parallel.random as mc_random
+
+    if _TORCH_VIEW is None:
+        _TORCH_VIEW = _TorchView()
+        sys.meta_path.insert(0, _BridgeFinder())
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("megatron.core"):
+            _bridge_module(mod)
+    for rep in REPLACED:
+        if (rep.module, rep.qualname) in _ORIGINALS:
+            continue
+        importlib.import_module(rep.module)
+        owner, name = rep.owner_and_name()
+        raw = inspect.getattr_static(owner, name)
+        _ORIGINALS[(rep.module, rep.qualname)] = raw
+        if isinstance(raw, classmethod):
+            setattr(owner, name, classmethod(_run_as_on_gpu(raw.__func__)))
+        elif isinstance(raw, staticmethod):
+            setattr(owner, name, staticmethod(_run_as_on_gpu(raw.__func__)))
+        else:
+            wrapped = _run_as_on_gpu(raw)
+            setattr(owner, name, wrapped)
+            _rebind_imported_names(raw, wrapped)
+    if not isinstance(mc_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+        mc_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+        mc_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    return True
+
+
+def original(rep: Replacement) -> Any:
+    """The megatron-core function as shipped (before the bridge wrapped it)."""
+    raw = _ORIGINALS.get((rep.module, rep.qualname))
+    if raw is None:
+        importlib.import_module(rep.module)
+        owner, name = rep.owner_and_name()
+        raw = inspect.getattr_static(owner, name)
+    return raw.__func__ if isinstance(raw, (classmethod, staticmethod)) else raw

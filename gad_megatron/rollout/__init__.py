@@ -1,0 +1,1 @@
+"""Rollouts: the inference-engine interface, its engines (transformers, vLLM) and the weight stream."""

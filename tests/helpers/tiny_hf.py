@@ -1,0 +1,47 @@
+"""Tiny random HF Llama / Qwen2 models (policy and discriminator) for the Megatron model tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# vocab 300 is not a multiple of 128 x TP, so every test also exercises the vocabulary padding.
+SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)  # fmt: skip
+
+
+def tiny_config(family: str, tied: bool | None = None, **changes: Any) -> Any:
+    """Llama ties its embeddings by default here (like SmolLM2), Qwen2 does not (like Qwen2.5-7B)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    cls, default_tied, extra = {
+        "llama": (LlamaConfig, True, {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+        "qwen2": (Qwen2Config, False, {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    }[family]
+    tie = default_tied if tied is None else tied
+    return cls(**{**SHAPE, **extra, "tie_word_embeddings": tie, "pad_token_id": 0, **changes})
+
+
+def tiny_model(family: str, role: str = "policy", seed: int = 0, **changes: Any) -> torch.nn.Module:
+    """A random fp32 HF model; every tensor (norms and biases too) random so mapping mistakes show."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = tiny_config(family, **changes)
+    torch.manual_seed(seed)
+    if role == "discriminator":
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.randn_like(param) * 0.1 + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model.eval()
+
+
+def save_tiny_model(out_dir: str | Path, family: str, role: str = "policy", seed: int = 0, **changes: Any) -> Path:
+    model = tiny_model(family, role, seed, **changes)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
