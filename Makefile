@@ -19,7 +19,9 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/gad quickstart
 
+# The Slurm tests bring up a real slurmctld + slurmd on 127.0.0.1: Debian's slurm-wlm and munge.
 test: $(STAMP)
+	bash slurm/dev/install_local_slurm.sh
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -1,10 +1,11 @@
-"""Command line: ``gad collect | train | generate | eval | report | quickstart``.
+"""Command line: ``gad collect | train | generate | eval | report | check | quickstart``.
 
 The CLI only wires things: parse arguments, load and validate the config, call the stage.
 
 Single machine:   gad train --config configs/quickstart.yaml --stage warmup
 Several GPUs:     accelerate launch --num_processes 8 -m gad_megatron.cli train --config my.yaml --stage gad
 Several CPUs:     torchrun --nproc_per_node 2 -m gad_megatron.cli train --config my.yaml --stage gad
+Megatron layout:  torchrun --nproc_per_node 2 -m gad_megatron.cli check --model smollm2-135m-instruct --pp 2
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(run_dir=args.run_dir, tiny=args.tiny, fresh=args.fresh)
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from gad_megatron.layout_check import run_check
+
+    result = run_check(args.model, tp=args.tp, pp=args.pp, prompt=args.prompt, tolerance=args.tolerance)
+    ok = result is None or (result.max_abs_logit_diff <= args.tolerance and result.megatron_text == result.transformers_text)
+    return 0 if ok else 1
+
+
 def _with_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", required=True, help="run config YAML (see configs/)")
     p.add_argument(
@@ -113,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
             "Tables, training curves and example responses from one or more run directories.")
     p.add_argument("run_dirs", nargs="+", help="run directories")
     p.add_argument("--out", help="output directory (default: the first run dir's report/)")
+
+    p = add("check", cmd_check, "load a model into Megatron at a TP x PP layout and compare with transformers",
+            "Builds the megatron-core model (this rank's TP shard of its PP stage) from HF weights, compares its "
+            "logits with transformers and decodes greedily with both. Run it under torchrun for TP/PP > 1.")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="hub id, HF dir, .gguf or alias")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--prompt", default="What is the capital of France?")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted logit difference (fp32)")
 
     p = add("quickstart", cmd_quickstart, "offline end-to-end demo on a laptop CPU",
             "Serves SmolLM2-135M + a hidden few-shot style as the teacher on 127.0.0.1, distills it into "
