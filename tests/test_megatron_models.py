@@ -7,10 +7,6 @@ TP=1 in this process; TP=2, PP=2 and TP=2 x PP=2 in torchrun launches of
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,11 +18,9 @@ from gad_megatron.models.discriminator import align_left, load_discriminator, ne
 from gad_megatron.models.policy import build_policy, full_logits
 from tests.helpers.megatron_parity import padded_batch
 from tests.helpers.tiny_hf import save_tiny_model
+from tests.helpers.torchrun import run_torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "megatron_parity.py"
-ROOT = Path(__file__).parent.parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore",
-       "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
 TOLERANCE = 1e-4
 
 
@@ -40,16 +34,8 @@ def megatron_tp1() -> Iterator[None]:
 
 
 def run_parity(tmp_path: Path, nproc: int, *args: str) -> dict[str, dict[str, float]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     out = tmp_path / f"parity-{nproc}.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-         "--master_port", str(port), str(HELPER), str(out), *args],
-        env=ENV, capture_output=True, text=True, timeout=900, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_torchrun(HELPER, nproc, str(out), *args)
     return json.loads(out.read_text())
 
 
