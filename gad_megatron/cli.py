@@ -1,4 +1,4 @@
-"""Command line: ``gad collect | train | generate | eval | report | check | quickstart``.
+"""Command line: ``gad collect | train | generate | eval | report | check | plan | quickstart``.
 
 The CLI only wires things: parse arguments, load and validate the config, call the stage.
 
@@ -6,6 +6,7 @@ Single machine:   gad train --config configs/quickstart.yaml --stage warmup
 Several GPUs:     accelerate launch --num_processes 8 -m gad_megatron.cli train --config my.yaml --stage gad
 Several CPUs:     torchrun --nproc_per_node 2 -m gad_megatron.cli train --config my.yaml --stage gad
 Megatron layout:  torchrun --nproc_per_node 2 -m gad_megatron.cli check --model smollm2-135m-instruct --pp 2
+Memory plan:      gad plan --config examples/qwen2.5-7b/gad.yaml --nodes 2 --gpus-per-node 8
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage else [])
+    cfg = load_config(args.config, overrides)
+    from gad_megatron.planner import run_plan
+
+    return run_plan(cfg, args.nodes, args.gpus_per_node, args.gpu_memory_gib)
+
+
 def _with_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", required=True, help="run config YAML (see configs/)")
     p.add_argument(
@@ -131,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted logit difference (fp32)")
+
+    p = add("plan", cmd_plan, "parallel layout and per-GPU memory estimate for a config (offline, no GPU)",
+            "Prints TP/PP/DP, the vLLM engines and a per-GPU memory table (weights, gradients, optimizer, "
+            "activations, the colocated engine); exits 2 with the reason when the layout does not divide or fit.")
+    _with_config(p)
+    p.add_argument("--stage", choices=["seqkd", "warmup", "gad"], help="overrides train.stage")
+    p.add_argument("--nodes", type=int, required=True, help="nodes in the job")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (default 80, an H100)")
 
     p = add("quickstart", cmd_quickstart, "offline end-to-end demo on a laptop CPU",
             "Serves SmolLM2-135M + a hidden few-shot style as the teacher on 127.0.0.1, distills it into "

@@ -170,6 +170,48 @@ class EvalConfig(_Strict):
     )
 
 
+class ParallelConfig(_Strict):
+    """How the Megatron trainer and the colocated vLLM engine split the GPUs (see `gad plan`).
+
+    World size = nodes x GPUs per node; data parallel = world / (tensor_parallel x pipeline_parallel).
+    """
+
+    tensor_parallel: int = Field(
+        1, ge=1, description="Megatron TP: splits every layer across this many GPUs of a node (must divide the "
+        "attention heads and KV heads). 1: no intra-layer communication; raise it when a model does not fit.",
+    )
+    pipeline_parallel: int = Field(
+        1, ge=1, description="Megatron PP: consecutive layer stages (must divide the layers). 1: no pipeline "
+        "bubble; raise it only for models that do not fit with TP within a node.",
+    )
+    rollout_tensor_parallel: int = Field(
+        1, ge=1, description="vLLM TP of the rollout engine (must divide the GPUs of a node); replicas = world / "
+        "this. 1 gives the most independent engines; the paper's 7B run used 2.",
+    )
+    micro_batch_tokens: int = Field(
+        12288, gt=0, description="Token budget per GPU per micro-batch (sequences are packed up to it); bounds "
+        "activation memory. The authors' verl run: ppo_max_token_len_per_gpu=12288.",
+    )
+    precision: Literal["fp32", "bf16", "fp8"] = Field(
+        "bf16", description="Training compute/weight precision on GPUs: bf16 (the paper's); fp8 uses Transformer "
+        "Engine on Hopper (embeddings, lm_head and D's head stay bf16/fp32); fp32 for exact CPU tests. "
+        "CPU runs compute in fp32 whatever this says.",
+    )
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = Field(
+        "blockwise", description="Transformer Engine FP8 scaling recipe when precision=fp8. Blockwise: the "
+        "recipe NeMo-RL and slime use for RL on Hopper (per-block scales, no amax history); mxfp8 needs Blackwell.",
+    )
+    distributed_optimizer: bool = Field(
+        True, description="Shard the fp32 master weights and Adam moments across data-parallel ranks "
+        "(Megatron's distributed optimizer): 6 + 12/DP bytes per parameter instead of 18.",
+    )
+    rollout_gpu_memory_utilization: float = Field(
+        0.35, gt=0.0, lt=1.0, description="Fraction of each GPU's memory the colocated vLLM engine may take "
+        "(its weights + KV cache) while it is awake; it sleeps during training. 0.35 leaves the rest to the "
+        "trainer's weights, gradients and optimizer states.",
+    )
+
+
 class RunConfig(_Strict):
     """A whole run: student, data, teacher, training, generation, evaluation."""
 
@@ -182,6 +224,17 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+
+    @model_validator(mode="after")
+    def _sequence_fits_micro_batch(self) -> "RunConfig":
+        longest = self.data.max_prompt_length + self.train.max_response_length
+        if longest > self.parallel.micro_batch_tokens:
+            raise ValueError(
+                f"parallel.micro_batch_tokens ({self.parallel.micro_batch_tokens}) must hold the longest sequence: "
+                f"data.max_prompt_length + train.max_response_length = {longest}"
+            )
+        return self
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -65,6 +65,21 @@ def test_batch_not_divisible(tmp_path: Path, base: dict) -> None:
         load_config(write_config(tmp_path, base))
 
 
+def test_parallel_section_defaults_and_checks(tmp_path: Path, base: dict) -> None:
+    par = load_config(write_config(tmp_path, base)).parallel
+    assert (par.tensor_parallel, par.pipeline_parallel, par.rollout_tensor_parallel) == (1, 1, 1)
+    assert par.micro_batch_tokens == 12288 and par.precision == "bf16" and par.fp8_recipe == "blockwise"
+    assert par.distributed_optimizer is True and par.rollout_gpu_memory_utilization == 0.35
+    for override, message in (("parallel.tensor_parallel=0", r"parallel\.tensor_parallel"),
+                              ("parallel.precision=fp16", r"parallel\.precision"),
+                              ("parallel.fp8_recipe=hybrid", r"parallel\.fp8_recipe"),
+                              ("parallel.rollout_gpu_memory_utilization=1.0", r"rollout_gpu_memory_utilization"),
+                              ("parallel.zero_stage=3", r"parallel\.zero_stage: unknown key"),
+                              ("parallel.micro_batch_tokens=3000", r"must hold the longest sequence.*3584")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_config(write_config(tmp_path, base), [override])
+
+
 def test_overrides_parse_yaml_values(tmp_path: Path, base: dict) -> None:
     cfg = load_config(write_config(tmp_path, base), ["train.learning_rate=2e-6", "train.report_to=[]", "seed=7"])
     assert cfg.train.learning_rate == 2e-6 and cfg.train.report_to == [] and cfg.seed == 7
@@ -104,7 +119,7 @@ def test_cli_bad_config_one_line_exit_2(tmp_path: Path, base: dict) -> None:
 def test_cli_help_lists_subcommands() -> None:
     proc = subprocess.run([sys.executable, "-m", "gad_megatron.cli", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
-    for name in ("collect", "train", "generate", "eval", "report", "quickstart"):
+    for name in ("collect", "train", "generate", "eval", "report", "plan", "quickstart"):
         assert name in proc.stdout
     version = subprocess.run([sys.executable, "-m", "gad_megatron.cli", "--version"], capture_output=True, text=True)
     assert version.stdout.startswith("gad ")
