@@ -26,14 +26,10 @@ setup(
         # 0.19.x requires Python >= 3.12; the CPU bridge pins 0.16.1's functions by test.
         "megatron-core==0.16.1",
         "psutil>=5.9",  # dist_checkpointing saves
-        # The TRL stages stay until the Megatron stages replace them (issue 11).
-        "trl==1.16.*",
         "transformers>=5.20,<5.25",
-        "accelerate>=1.10",
         "datasets>=3.0",
         "sentencepiece>=0.2",
         "safetensors>=0.4",
-        "peft>=0.17",
         "openai>=1.100",
         "pydantic>=2.7",
         "gguf>=0.17",
@@ -50,6 +46,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]~=2.20.0", "vllm==0.33.0", "nvidia-ml-py>=12"],
         "wandb": ["wandb"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        # bench/step_time.py times the Megatron stages against the first engine, on TRL.
+        "bench": ["trl==1.16.*"],
     },
     entry_points={"console_scripts": ["gad = gad_megatron.cli:main"]},
 )

@@ -1,93 +1,169 @@
-"""Time per GAD step, split by phase, beside TRL's plain GRPOTrainer with a frozen reward model.
+"""Seconds per GAD step, split by phase: the Megatron trainer beside the TRL baseline, same work.
 
-    .venv/bin/python bench/step_time.py                      # SmolLM2-135M on CPU, ~15 minutes
-    .venv/bin/python bench/step_time.py --steps 6 --num-generations 8 --max-response 128 --bf16
-    python bench/step_time.py --random-weights --batch-prompts 16 --num-generations 8 --max-response 256   (GPU)
+    .venv/bin/python bench/step_time.py                        # SmolLM2-135M on CPU, ~10 minutes
+    .venv/bin/python bench/step_time.py --random-weights       # no real weights: same architecture, random
+    python bench/step_time.py --random-weights --steps 4 --batch-prompts 16 --num-generations 8 --max-response 256   (GPU)
+    python bench/step_time.py --random-weights --config-override '{"num_hidden_layers": 24}'
 
-Three trainers run in the same process on the same prompts (Self-Instruct seed tasks from
-../shared/data, their human reference as the "teacher" text), same batch and lengths: GAD with
-D's single-pass update (``train.disc_single_pass``), GAD with the default bounded-memory
-update (D re-run per micro-batch), and TRL's GRPO whose reward model is a same-size
-``AutoModelForSequenceClassification`` run frozen under inference_mode: the difference is what
-co-training D costs. The first step of each is warm-up, excluded from the medians. On a GPU
-the peak memory of each run is recorded too. ``--random-weights`` builds a model of the same
-architecture with random weights (a machine without the real weights; rollouts then run to the
-length limit, which only makes timings steadier).
+The TRL side needs the bench extra (``pip install -e ".[bench]"``: trl 1.16). Both variants run
+one GAD step after another on the same run config: the same model as G, D and KL reference,
+the same prompts (Self-Instruct seed tasks from ../shared/data, their human reference as the
+teacher text) in the same order, ``batch_prompts`` x ``num_generations`` rollouts of at most
+``max_response`` tokens, fp32 on a CPU and bf16 on a GPU. (a) ``megatron``:
+:func:`gad_megatron.trainer.steps.gad_step` on the context of
+:func:`gad_megatron.trainer.run.build_context`; (b) ``trl``: ``bench/trl_baseline``'s
+``GADTrainer`` with its default bounded-memory D update. Each variant runs in a fresh
+subprocess: megatron-core initialises torch.distributed for the whole process, and a process's
+peak memory (RSS on a CPU) is only per variant that way. The first step is warm-up, excluded
+from the medians. ``--random-weights`` saves a randomly initialised model of the same
+architecture (rollouts then run to the length limit, which keeps lengths equal across variants).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import os
 import platform
+import resource
+import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import torch
-from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, TrainerCallback
-from trl import GRPOConfig, GRPOTrainer
 
-from gad_megatron.config import parse_config
+from gad_megatron.config import RunConfig, parse_config
 from gad_megatron.models.sources import load_tokenizer, resolve_model_path
-from gad_megatron.trainers.gad import GADTrainer, _grpo_config, build_discriminator
+from gad_megatron.trainer.setup import training_records
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "seed_tasks175.jsonl"
-VARIANTS = ("gad_single_pass", "gad_recompute", "grpo_frozen_rm")
-PHASES = ("time_rollout", "time_scoring", "time_d_update", "time_g_update")
+OUT = Path(__file__).resolve().parent / "results" / "step_time_megatron_vs_trl.json"
+VARIANTS = ("megatron", "trl")
+PHASES = ("rollout", "scoring", "d_update", "g_update", "sync")
 
 
-class StepTimer(TrainerCallback):
-    """Wall time of each optimizer step, and the phase metrics TRL logs."""
+@dataclass(frozen=True)
+class Settings:
+    """The work both variants do; handed to each variant's subprocess as JSON."""
 
-    def __init__(self) -> None:
-        self.step_times: list[float] = []
-        self.logs: list[dict] = []
-        self._start = 0.0
-
-    def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
-        self.step_times.append(time.perf_counter() - self._start)
-
-    def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
-        self.logs.append(dict(logs or {}))
+    model: str  # a local HF directory
+    data: str
+    steps: int
+    batch_prompts: int
+    num_generations: int
+    micro_batch: int
+    max_prompt: int
+    max_response: int
 
 
-def records(path: Path, n: int) -> list[dict]:
-    rows = [json.loads(l) for l in path.read_text().splitlines()][:n]
-    return [{"id": r["id"], "prompt": r["prompt"], "teacher_response": r["reference"]} for r in rows]
+def run_config(s: Settings, run_dir: str) -> RunConfig:
+    """One config for both variants. Megatron splits batches by tokens, TRL by rows: the token
+    budget holds ``micro_batch`` sequences of the longest allowed length, so a Megatron
+    micro-batch has at least TRL's rows."""
+    return parse_config({
+        "run_dir": run_dir, "student": s.model,
+        "data": {"path": s.data, "response_column": "reference", "max_prompt_length": s.max_prompt},
+        "train": {"stage": "gad", "init_from": s.model, "batch_prompts": s.batch_prompts,
+                  "num_generations": s.num_generations, "micro_batch_size": s.micro_batch,
+                  "max_response_length": s.max_response, "max_steps": s.steps, "save_steps": 10_000, "report_to": []},
+        "parallel": {"precision": "bf16" if torch.cuda.is_available() else "fp32",
+                     "micro_batch_tokens": s.micro_batch * (s.max_prompt + s.max_response)},
+    })  # fmt: skip
 
 
-def run_gad(cfg, dataset: Dataset, tokenizer) -> StepTimer:  # noqa: ANN001
-    timer = StepTimer()
+def step_prompts(records: list[dict[str, Any]], s: Settings) -> list[list[dict[str, Any]]]:
+    """The first ``steps x batch_prompts`` usable rows, ``batch_prompts`` per step, in file order."""
+    need = s.steps * s.batch_prompts
+    if len(records) < need:
+        raise SystemExit(f"{s.data}: {len(records)} usable prompts, {need} needed")
+    return [records[i : i + s.batch_prompts] for i in range(0, need, s.batch_prompts)]
+
+
+def time_megatron(cfg: RunConfig, s: Settings) -> list[dict[str, float]]:
+    """Per step: ``time/step`` and ``time/<phase>`` from ``gad_step``, and the mean rollout length."""
+    from gad_megatron.parallel.launch import init_distributed
+    from gad_megatron.trainer.run import build_context
+    from gad_megatron.trainer.steps import gad_step
+
+    init_distributed(1, 1, cfg.seed)
+    ctx, _, records, _ = build_context(cfg, "gad")
+    out = []
+    for step, prompts in enumerate(step_prompts(records, s), start=1):
+        m = gad_step(ctx, prompts, step)
+        out.append({"step": m["time/step"], "len_mean": m["len_mean"],
+                    **{p: m[f"time/{p}"] for p in PHASES if f"time/{p}" in m}})  # fmt: skip
+    torch.distributed.destroy_process_group()
+    return out
+
+
+def time_trl(cfg: RunConfig, s: Settings) -> list[dict[str, float]]:
+    """Per step: wall time of TRL's optimizer step, the phase times the baseline logs, mean length."""
+    from datasets import Dataset
+    from transformers import TrainerCallback, set_seed
+    from trl_baseline.gad import GADTrainer, _grpo_config, build_discriminator  # bench/ is sys.path[0]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.logs: list[dict[str, float]] = []
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.seconds.append(time.perf_counter() - self._start)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if logs and "loss" in logs:  # per-step training logs (logging_steps=1), not the run summary
+                self.logs.append(dict(logs))
+
+    set_seed(cfg.seed)
+    tokenizer = load_tokenizer(s.model)
+    rows = [r for batch in step_prompts(training_records(cfg, tokenizer), s) for r in batch]
     args = _grpo_config(cfg, "gad")
-    trainer = GADTrainer(
-        model=resolve_model_path(cfg.student), args=args, train_dataset=dataset, processing_class=tokenizer,
-        callbacks=[timer], discriminator=build_discriminator(cfg, cfg.student, False, args.device),
-    )
-    trainer.train()
-    return timer
-
-
-def run_grpo_frozen_rm(cfg, dataset: Dataset, tokenizer) -> StepTimer:  # noqa: ANN001
+    args.shuffle_dataset = False  # the rows in file order, as the Megatron variant takes them
     timer = StepTimer()
-    path = resolve_model_path(cfg.student)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-    reward_model.config.pad_token_id = tokenizer.pad_token_id
-    args: GRPOConfig = _grpo_config(cfg, "gad")
-    trainer = GRPOTrainer(model=path, reward_funcs=[reward_model], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, reward_processing_classes=[tokenizer], callbacks=[timer])
+    trainer = GADTrainer(model=s.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=[timer], discriminator=build_discriminator(cfg, s.model, False, args.device))  # fmt: skip
     trainer.train()
-    return timer
+    return [{"step": sec, "len_mean": log["completions/mean_length"],
+             **{p: log[f"time_{p}"] for p in PHASES if f"time_{p}" in log}}  # TRL has no sync: G generates itself
+            for sec, log in zip(timer.seconds, timer.logs)]  # fmt: skip
 
 
-def random_copy(spec: str, out: Path, overrides: dict) -> str:
+def run_variant(variant: str, s: Settings, out: Path) -> None:
+    """Subprocess entry: time ``variant`` and write its per-step times and peak memory to ``out``."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = run_config(s, run_dir)
+        steps = (time_megatron if variant == "megatron" else time_trl)(cfg, s)
+    result: dict[str, Any] = {"steps": steps, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        result["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out.write_text(json.dumps(result))
+
+
+def summarise(raw: dict[str, Any]) -> dict[str, Any]:
+    """Medians over the steps after the first (warm-up); the raw per-step numbers kept beside them."""
+    timed = raw["steps"][1:]
+    return {
+        "step_s": statistics.median(st["step"] for st in timed),
+        "phases_s": {p: statistics.median(st[p] for st in timed) if p in timed[0] else None for p in PHASES},
+        "len_mean": statistics.mean(st["len_mean"] for st in timed),
+        **{k: v for k, v in raw.items() if k.startswith("peak_")},
+        "per_step": raw["steps"],
+    }
+
+
+def random_copy(spec: str, out: Path, overrides: dict[str, Any]) -> str:
     """The architecture (with ``overrides`` applied) and tokenizer of ``spec``, freshly initialised weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -104,71 +180,63 @@ def random_copy(spec: str, out: Path, overrides: dict) -> str:
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{platform.machine()} {torch.get_num_threads()} threads, CPU, torch {torch.__version__}"
-
-
-def timed(variant: str, cfg, dataset: Dataset, tokenizer) -> dict:  # noqa: ANN001
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        if variant == "grpo_frozen_rm":
-            timer = run_grpo_frozen_rm(cfg, dataset, tokenizer)
-        else:
-            train = cfg.train.model_copy(update={"disc_single_pass": variant == "gad_single_pass"})
-            timer = run_gad(cfg.model_copy(update={"train": train}), dataset, tokenizer)
-    except torch.OutOfMemoryError:
-        return {"error": "out of memory", "total_gpu_mem_gib": torch.cuda.get_device_properties(0).total_memory / 2**30}
-    out = {
-        "step_s": statistics.median(timer.step_times[1:]),
-        "len_mean": statistics.mean(l.get("completions/mean_length", 0) for l in timer.logs if "loss" in l),
-    }
-    if variant != "grpo_frozen_rm":
-        out["phases_s"] = {p: statistics.median([l[p] for l in timer.logs[1:] if p in l]) for p in PHASES}
-    if torch.cuda.is_available():
-        out["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [l.split(":", 1)[1].strip() for l in cpuinfo.read_text().splitlines() if l.startswith("model name")] \
+        if cpuinfo.exists() else []  # fmt: skip
+    cpu = names[0] if names else platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, no GPU, torch {torch.__version__}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="generator, D and reward model (same size)")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="G, D and KL reference (alias, hub id or dir)")
     ap.add_argument("--random-weights", action="store_true", help="same architecture, random weights")
     ap.add_argument("--config-override", type=json.loads, default={},
-                    help='with --random-weights: JSON of config fields to change, e.g. \'{"num_hidden_layers": 24}\'')
+                    help='with --random-weights: JSON of model config fields to change, e.g. \'{"num_hidden_layers": 24}\'')
     ap.add_argument("--data", type=Path, default=DATA, help="JSONL with prompt and reference (teacher text)")
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--batch-prompts", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3, help="the first is warm-up")
+    ap.add_argument("--batch-prompts", type=int, default=4)
     ap.add_argument("--num-generations", type=int, default=4)
-    ap.add_argument("--micro-batch", type=int, default=None, help="default: num_generations")
-    ap.add_argument("--max-response", type=int, default=64)
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (on by default on a GPU)")
-    ap.add_argument("--out", default="bench/results/step_time.json")
+    ap.add_argument("--micro-batch", type=int, default=None, help="rows per TRL micro-batch; default: num_generations")
+    ap.add_argument("--max-prompt", type=int, default=256, help="prompts longer than this (tokens) are skipped")
+    ap.add_argument("--max-response", type=int, default=48)
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # subprocess mode: one variant
+    ap.add_argument("--settings", type=json.loads, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    torch.manual_seed(0)
+    if a.variant:
+        run_variant(a.variant, Settings(**a.settings), a.out)
+        return
+    if a.steps < 2:
+        ap.error("--steps must be at least 2: the first step is warm-up")
     with tempfile.TemporaryDirectory() as tmp:
-        model = random_copy(a.model, Path(tmp) / "model", a.config_override) if a.random_weights else a.model
-        cfg = parse_config({
-            "run_dir": tmp, "student": model, "data": {"path": str(a.data), "max_prompt_length": 256},
-            "train": {"batch_prompts": a.batch_prompts, "num_generations": a.num_generations,
-                      "micro_batch_size": a.micro_batch or a.num_generations, "max_response_length": a.max_response,
-                      "max_steps": a.steps, "save_steps": 10_000, "report_to": [], "bf16": a.bf16 or None},
-        })
-        tokenizer = load_tokenizer(cfg.student)
-        dataset = Dataset.from_list(records(a.data, a.batch_prompts * a.steps))
-        runs = {v: timed(v, cfg, dataset, tokenizer) for v in VARIANTS}
-    base = runs["grpo_frozen_rm"].get("step_s")
+        model = random_copy(a.model, Path(tmp) / "model", a.config_override) if a.random_weights else resolve_model_path(a.model)
+        s = Settings(model=model, data=str(a.data), steps=a.steps, batch_prompts=a.batch_prompts,
+                     num_generations=a.num_generations, micro_batch=a.micro_batch or a.num_generations,
+                     max_prompt=a.max_prompt, max_response=a.max_response)  # fmt: skip
+        runs = {}
+        for variant in VARIANTS:
+            out = Path(tmp) / f"{variant}.json"
+            cmd = [sys.executable, __file__, "--variant", variant, "--settings", json.dumps(asdict(s)), "--out", str(out)]
+            subprocess.run(cmd, check=True)
+            runs[variant] = summarise(json.loads(out.read_text()))
+    settings = {**vars(a), "data": str(a.data), "out": str(a.out), "micro_batch": s.micro_batch}
+    for key in ("variant", "settings"):
+        settings.pop(key)
     result = {
-        "date": date.today().isoformat(), "machine": machine(), "settings": {**vars(a), "data": str(a.data)},
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "command": shlex.join(["python", *sys.argv]),
+        "settings": settings,
         "runs": runs,
-        "ratio_to_grpo": {v: runs[v]["step_s"] / base for v in VARIANTS[:2] if base and "step_s" in runs[v]},
+        "ratio_megatron_to_trl": runs["megatron"]["step_s"] / runs["trl"]["step_s"],
     }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    for v, ratio in result["ratio_to_grpo"].items():
-        print(f"{v}: {runs[v]['step_s']:.2f}s/step vs GRPO+frozen RM {base:.2f}s: ratio {ratio:.2f}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=2) + "\n")
+    for variant, r in runs.items():
+        phases = ", ".join(f"{p} {v:.2f}" for p, v in r["phases_s"].items() if v is not None)
+        print(f"{variant}: {r['step_s']:.2f} s/step ({phases})")
+    print(f"Megatron / TRL: {result['ratio_megatron_to_trl']:.2f} -> {a.out}")
 
 
 if __name__ == "__main__":

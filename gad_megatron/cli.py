@@ -3,8 +3,9 @@
 The CLI only wires things: parse arguments, load and validate the config, call the stage.
 
 Single machine:   gad train --config configs/quickstart.yaml --stage warmup
-Several GPUs:     accelerate launch --num_processes 8 -m gad_megatron.cli train --config my.yaml --stage gad
-Several CPUs:     torchrun --nproc_per_node 2 -m gad_megatron.cli train --config my.yaml --stage gad
+Several GPUs:     torchrun --nproc_per_node 8 -m gad_megatron.cli train --config my.yaml --stage gad
+Several CPUs:     torchrun --nproc_per_node 2 -m gad_megatron.cli train --config my.yaml --stage gad --set parallel.tensor_parallel=2
+Slurm:            sbatch --nodes 2 slurm/gad.sbatch my.yaml
 Megatron layout:  torchrun --nproc_per_node 2 -m gad_megatron.cli check --model smollm2-135m-instruct --pp 2
 Memory plan:      gad plan --config examples/qwen2.5-7b/gad.yaml --nodes 2 --gpus-per-node 8
 """
@@ -34,7 +35,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"train.stage={args.stage}"] if args.stage else [])
     cfg = load_config(args.config, overrides)
-    from gad_megatron.trainers import run_stage
+    from gad_megatron.trainer.run import run_stage
 
     return run_stage(cfg, resume=args.resume)
 
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.verbose:  # megatron-core logs every parameter of every bucket at INFO
+        logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

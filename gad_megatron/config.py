@@ -95,8 +95,9 @@ class TrainConfig(_Strict):
     max_steps: int = Field(-1, description="Stop after this many steps (-1: run the epochs).")
     save_steps: int = Field(50, gt=0, description="Checkpoint interval (paper: 50).")
     keep_resume_states: int = Field(
-        1, ge=1, description="Newest checkpoints that keep optimizer states for --resume (AdamW: twice the "
-        "weights of each trained model); older ones keep weights only, for the sweep. A finished stage keeps none.",
+        1, ge=0, description="Newest resumable checkpoints (megatron/iter_*: weights + optimizer states, about 3x "
+        "the weights of each trained model) kept, during training and after it ends; 0 keeps the newest only while "
+        "training and deletes them when the stage finishes. The HF exports (checkpoint-N/, final/) always stay.",
     )
     beta: float = Field(0.001, ge=0.0, description="KL coefficient, k3 estimator (paper: 0.001).")
     epsilon: float = Field(0.2, gt=0.0, description="PPO-style clip (paper: 0.2).")
@@ -108,6 +109,11 @@ class TrainConfig(_Strict):
     )
     disc_only_steps: int = Field(10, ge=0, description="Warmup steps that update D alone (paper: 10).")
     freeze_discriminator: bool = Field(False, description="Off-policy ablation: D is not updated during gad.")
+    tis_cap: float | None = Field(
+        None, gt=0, description="Token-level truncated importance sampling against the rollout engine's log-probs: "
+        "weight min(exp(logp_train - logp_engine), cap). Default: off, except 2.0 with parallel.precision=fp8, "
+        "where the FP8 trainer and the bf16 engine disagree most (accuracy drops without it).",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (G and D): long responses.")
     padding_free: bool = Field(False, description="Pack SeqKD batches without padding (TRL SFTTrainer); GRPO stages stay padded.")
     bf16: bool | None = Field(None, description="Default: on when a GPU with bf16 is present.")

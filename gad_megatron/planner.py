@@ -130,7 +130,7 @@ def padded_vocab(vocab: int, tp: int) -> int:
 def stage_params(shape: ModelShape, role: str, tp: int, pp: int, stage: int) -> tuple[int, int]:
     """Parameters on one GPU of pipeline stage ``stage``: (linear weights of the layers, the rest).
 
-    The split matters for fp8, which keeps only the layers' linear weights in fp8.
+    The split would matter for fp8 with fp8 weights (``fp8_param``), which we do not use.
     """
     h, q_dim, kv_dim = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     layers = shape.layers // pp
@@ -153,7 +153,9 @@ def state_bytes(shape: ModelShape, role: str, parallel: ParallelConfig, dp: int,
     """Weights, fp32 main gradients and Adam states of one model on one GPU of ``stage``."""
     tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
     linear, other = stage_params(shape, role, tp, pp, stage)
-    linear_bytes = {"fp32": 4, "bf16": 2, "fp8": 1}[parallel.precision]
+    # fp8 computes in fp8 but keeps bf16 weights (models/precision.py: fp8_param=False), so the
+    # optimizer, checkpoints and the hand-off to vLLM see plain tensors.
+    linear_bytes = {"fp32": 4, "bf16": 2, "fp8": 2}[parallel.precision]
     other_bytes = 4 if parallel.precision == "fp32" else 2  # embeddings, norms, heads never go fp8
     out = {"weights": linear * linear_bytes + other * other_bytes}
     if trained:

@@ -58,7 +58,7 @@ def _decode_png(data: bytes) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model_dir):
     """warmup (3 steps) then gad (3 steps) with the real trainers; checkpoint-2 + final (step 3)."""
-    from gad_megatron.trainers import train_stage
+    from gad_megatron.trainer.run import train_stage
 
     root = tmp_path_factory.mktemp("report")
     data = root / "train.jsonl"
@@ -70,6 +70,7 @@ def trained_run(tmp_path_factory, tiny_model_dir):
         "train": {"batch_prompts": 2, "num_generations": 2, "micro_batch_size": 2, "max_response_length": 8,
                   "max_steps": 3, "save_steps": 2, "disc_only_steps": 1, "report_to": [],
                   "learning_rate": 1e-4, "disc_learning_rate": 1e-4},
+        "parallel": {"precision": "fp32", "micro_batch_tokens": 272},
         # Sampled: a tiny random model's greedy output is whitespace only, which would leave nothing to score.
         "generate": {"prompt_sets": [str(VICUNA)], "limit": 4, "max_new_tokens": 6, "batch_size": 4, "temperature": 1.0},
         "eval": {"teacher_model": str(tiny_model_dir), "loglik_max_examples": 4},
@@ -156,3 +157,22 @@ def test_curves_tolerate_missing_keys_and_bad_lines(tmp_path):
     paths = write_report([run], tmp_path / "rep")  # no eval results, no generations: still a report
     assert "no eval/results.json" in paths["markdown"].read_text()
     assert len(paths["images"]) == 1
+
+
+def test_style_rate_in_tables_and_sweep(tmp_path):
+    """The quickstart's headline (results.json's style_rate, from add_style_rates) reaches the report."""
+    run = tmp_path / "quickstart"
+    tags = ["smollm2-135m-instruct", "seqkd-final", "gad-final", "teacher"]
+    rates = {"smollm2-135m-instruct": 0.05, "seqkd-final": 0.4, "gad-final": 0.625, "teacher": 0.95}
+    results = {"models": tags, "suites": ["quickstart"],
+               "results": {t: {"quickstart": {"n": 8, "len_mean": 20.0, "style_rate": rates[t]}} for t in tags}}
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "results.json").write_text(json.dumps(results))
+    paths = write_report([run], tmp_path / "rep")
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert "| model | teacher style | length |" in md
+    assert "| gad-final | 62% | 20.0 |" in md and "| teacher | 95% | 20.0 |" in md
+    assert "<th>teacher style</th>" in paths["html"].read_text(encoding="utf-8")
+    (sweep,) = paths["images"]
+    # One 4.5-inch panel per plotted metric at 90 dpi: style rate and length, not length alone.
+    assert _decode_png(sweep.read_bytes())[0] == round(2 * 4.5 * 90)

@@ -1,9 +1,10 @@
 """``gad report RUN_DIR...``: one Markdown and one self-contained HTML report with PNG plots.
 
-Contents: a table per suite (models x metrics) from ``eval/results.json``; training curves from
-``<stage>/metrics.jsonl`` (stages laid end to end, missing keys tolerated); eval metrics across a
-checkpoint sweep; response-length histograms per suite; a few side-by-side example responses. The HTML embeds every image as base64
-and has no scripts or external links, so it can be mailed or archived as one file.
+Contents: a table per suite (models x metrics, with the quickstart's teacher-style rate where stored)
+from ``eval/results.json``; training curves from ``<stage>/metrics.jsonl`` (stages laid end to end,
+missing keys tolerated); eval metrics across a checkpoint sweep; response-length histograms per suite;
+a few side-by-side example responses. The HTML embeds every image as base64 and has no scripts or
+external links, so it can be mailed or archived as one file.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ CURVE_KEYS: list[tuple[tuple[str, ...], str]] = [
     (("truncated_frac",), "share truncated"),
 ]
 
+# A column (or sweep panel) appears only when some model has its metric: style_rate is the quickstart's
+# headline (gad_megatron.quickstart.add_style_rates stores it in results.json), absent from other runs.
 _METRIC_COLUMNS: list[tuple[str, str]] = [
+    ("style_rate", "teacher style"),
     ("judge_score", "judge (50 = parity)"),
     ("rouge_l", "ROUGE-L"),
     ("ngram_f1_mean", "n-gram F1 (1-6)"),
@@ -163,8 +167,8 @@ def plot_length_histograms(lengths_by_model: dict[str, list[int]], out_png: str 
     return Path(out_png)
 
 
-_SWEEP_KEYS = [("judge_score", "judge score"), ("rouge_l", "ROUGE-L vs teacher"), ("len_mean", "mean length"),
-               ("distinguish", "distinguishability")]
+_SWEEP_KEYS = [("style_rate", "share in teacher style"), ("judge_score", "judge score"), ("rouge_l", "ROUGE-L vs teacher"),
+               ("len_mean", "mean length"), ("distinguish", "distinguishability")]
 
 
 def _metric(metrics: dict[str, Any], key: str) -> float | None:
@@ -225,7 +229,7 @@ def _cell(metrics: dict[str, Any], key: str) -> str:
     v = _num(metrics.get(key))
     if v is None:
         return "-"
-    if key == "truncated_frac":
+    if key in ("truncated_frac", "style_rate"):
         return f"{v:.0%}"
     if key == "judge_score":
         j = metrics.get("judge") or {}

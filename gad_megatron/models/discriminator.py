@@ -112,7 +112,7 @@ def stage_forward(model: nn.Module, input_ids_BT: torch.Tensor, last_B: torch.Te
     Also the body of a trainer's forward-step function for D's update.
     """
     out = model(input_ids=input_ids_BT, position_ids=None, attention_mask=None)
-    if not model.post_process:
+    if not getattr(model, "module", model).post_process:  # model may be megatron's DDP wrapper
         return out
     return out[torch.arange(out.shape[0], device=out.device), last_B, 0]  # out: [B, T, 1]
 

@@ -32,6 +32,8 @@ def write_tiny_setup(root: Path, model_dir: Path, n_prompts: int = 8, **train: o
             "max_steps": 3, "save_steps": 2, "disc_only_steps": 1, "report_to": [],
             "learning_rate": 1e-4, "disc_learning_rate": 1e-4, **train,
         },
+        # exact fp32 on CPU; a micro-batch holds two of the longest sequences (128 + 12 tokens)
+        "parallel": {"precision": "fp32", "micro_batch_tokens": 280},
     }
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))

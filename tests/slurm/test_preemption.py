@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from gad_megatron import preemption
-from gad_megatron.trainers.common import has_resume_state
+from gad_megatron.checkpoint import complete_checkpoints
 from tests.helpers.tiny_run import write_tiny_setup
 
 
@@ -40,7 +40,7 @@ def test_seqkd_stops_with_a_resumable_checkpoint(tmp_path: Path, tiny_model_dir:
     proc.wait(timeout=300)
     stderr = log.read_text()
     assert proc.returncode == preemption.PREEMPTED_EXIT_CODE, stderr[-3000:]
-    checkpoints = list((tmp_path / "run" / "seqkd").glob("checkpoint-*"))
-    assert len(checkpoints) == 1 and has_resume_state(checkpoints[0]), stderr[-3000:]
-    assert 1 <= int(checkpoints[0].name.split("-")[1]) < 200
+    checkpoints = complete_checkpoints(tmp_path / "run" / "seqkd" / "megatron")
+    assert len(checkpoints) == 1, stderr[-3000:]
+    assert 1 <= int(checkpoints[0].name.removeprefix("iter_")) < 200
     assert not (tmp_path / "run" / "seqkd" / "final").exists()  # stopped, not finished

@@ -58,7 +58,7 @@ def test_gad_sbatch_trains_the_stage(slurm: SlurmCluster, tmp_path: Path, tiny_m
     assert metrics_steps(run, "gad") == [1, 2]
     node_log = run / "logs" / f"gad-{job}-gadn1.log"
     assert [p.name for p in (run / "logs").iterdir()] == [node_log.name]
-    assert node_log.read_text().count("INFO gad_megatron.trainers: gad finished") == 2, report  # both ranks
+    assert node_log.read_text().count("INFO gad_megatron.trainer.run: gad finished") == 2, report  # both ranks
 
 
 @pytest.mark.slow  # 58-95 s here: two trainer starts and a requeue
@@ -82,7 +82,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm: SlurmCluster, tmp
     logs = job_logs(tmp_path, job)
     report = logs[-8000:]
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, report)
-    stopped_at = [int(s) for s in re.findall(r"preempted: checkpoint-(\d+) written; exiting 75", logs)]
+    stopped_at = [int(s) for s in re.findall(r"preempted after step (\d+): checkpoint written, exiting 75", logs)]
     assert len(stopped_at) == 2 and stopped_at[0] == stopped_at[1] and 1 <= stopped_at[0] < total, report  # both ranks
     assert f"requeueing job {job}" in logs and "--stage gad --resume" in logs, report
     # Every step exactly once over the two runs: the resumed one started right after the checkpoint.
@@ -104,7 +104,7 @@ def test_gad_sbatch_on_two_nodes(slurm_two_nodes: SlurmCluster, tmp_path: Path, 
     assert metrics_steps(tmp_path / "run", "gad") == [1, 2]
     for node in ("gadn1", "gadn2"):  # one worker per node, each in the 2-process job
         log = (tmp_path / "run" / "logs" / f"gad-{job}-{node}.log").read_text()
-        assert "INFO gad_megatron.trainers: gad finished" in log, report
+        assert "INFO gad_megatron.trainer.run: gad finished" in log, report
 
 
 def test_eval_sbatch_sweeps_checkpoints_as_an_array(slurm: SlurmCluster, tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from gad_megatron.data import Messages
 from gad_megatron.discriminator import TextEncoder, right_pad, score_sequences
-from gad_megatron.losses import bradley_terry_loss, cross_entropy_gan_loss, pair_accuracy
+from trl_baseline.losses import bradley_terry_loss, cross_entropy_gan_loss, pair_accuracy
 
 
 class NonFiniteError(RuntimeError):

@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 
 from gad_megatron.config import RunConfig, save_resolved_config
 from gad_megatron.models.sources import load_tokenizer, resolve_model_path
-from gad_megatron.trainers.common import (
+from trl_baseline.common import (
     CompleteCheckpointMixin,
     MetricsJsonl,
     check_enough_prompts,

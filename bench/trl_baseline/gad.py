@@ -46,7 +46,8 @@ from trl import GRPOConfig, GRPOTrainer
 from gad_megatron.config import RunConfig, save_resolved_config
 from gad_megatron.discriminator import TextEncoder, load_discriminator, save_discriminator
 from gad_megatron.models.sources import load_tokenizer, resolve_model_path
-from gad_megatron.trainers.common import (
+from gad_megatron.trainer.setup import stage_models
+from trl_baseline.common import (
     D_OPTIMIZER_FILE,
     DISCRIMINATOR_DIR,
     CompleteCheckpointMixin,
@@ -57,7 +58,7 @@ from gad_megatron.trainers.common import (
     trainer_args,
     training_records,
 )
-from gad_megatron.trainers.discriminator_update import DiscriminatorStep, DiscriminatorUpdater, check_finite
+from trl_baseline.discriminator_update import DiscriminatorStep, DiscriminatorUpdater, check_finite
 
 log = logging.getLogger(__name__)
 
@@ -258,14 +259,6 @@ def _grpo_config(cfg: RunConfig, stage: str) -> GRPOConfig:
     )
 
 
-def _stage_models(cfg: RunConfig, stage: str) -> tuple[str, str]:
-    """(generator, discriminator) specs. gad starts from the warmup output (generator + its D)."""
-    if stage == "gad":
-        generator = cfg.train.init_from or str(stage_dir(cfg, "warmup") / "final")
-        saved_d = Path(generator) / DISCRIMINATOR_DIR
-        return generator, cfg.train.discriminator or (str(saved_d) if saved_d.is_dir() else generator)
-    generator = cfg.train.init_from or cfg.student
-    return generator, cfg.train.discriminator or generator
 
 
 def run_gad_stage(cfg: RunConfig, stage: str, resume: str | None = None) -> Path:
@@ -273,7 +266,7 @@ def run_gad_stage(cfg: RunConfig, stage: str, resume: str | None = None) -> Path
     assert stage in ("warmup", "gad")
     set_seed(cfg.seed)  # before D's new head is initialised, so runs (and resumes) are reproducible
     out_dir = stage_dir(cfg, stage)
-    generator_spec, d_spec = _stage_models(cfg, stage)
+    generator_spec, d_spec = stage_models(cfg, stage)
     generator = resolve_model_path(generator_spec)
     tokenizer = load_tokenizer(generator, cfg.trust_remote_code)
     records = training_records(cfg, tokenizer)

@@ -14,16 +14,20 @@ from transformers import TrainerCallback
 
 from gad_megatron import preemption
 from gad_megatron.config import ConfigError, RunConfig
-from gad_megatron.data import filter_long_prompts
+from gad_megatron.trainer.setup import (  # noqa: F401 (shared with the Megatron stages)
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DISCRIMINATOR_DIR,
+    check_enough_prompts,
+    stage_dir,
+    training_records,
+)
 
 log = logging.getLogger(__name__)
 
 # Paper values: SeqKD lr 5e-6, G and D 1e-6; warmup 1 epoch, GAD 2 epochs. SeqKD gets 3 epochs, the
 # same number of passes over the teacher data as warmup + GAD (see docs/decisions.md).
-DEFAULT_LR = {"seqkd": 5e-6, "warmup": 1e-6, "gad": 1e-6}
-DEFAULT_EPOCHS = {"seqkd": 3.0, "warmup": 1.0, "gad": 2.0}
 COMPLETE_MARKER = "COMPLETE"
-DISCRIMINATOR_DIR = "discriminator"
 D_OPTIMIZER_FILE = "discriminator_optimizer.pt"
 # What only --resume needs: twice a model's size per optimizer. Weights stay in every checkpoint.
 RESUME_STATE_FILES = ("optimizer.pt", "scheduler.pt", D_OPTIMIZER_FILE)
@@ -39,16 +43,8 @@ METRIC_ALIASES = {
 }
 
 
-def stage_dir(cfg: RunConfig, stage: str) -> Path:
-    return Path(cfg.run_dir) / stage
 
 
-def training_records(cfg: RunConfig, tokenizer: Any) -> list[dict[str, Any]]:
-    """Prompts with a usable teacher response (``gad collect``'s output, else ``data.path``), short enough."""
-    from gad_megatron.collect import load_collected
-
-    rows, _ = filter_long_prompts(load_collected(cfg), tokenizer, cfg.data.max_prompt_length)
-    return [{"id": r["id"], "prompt": r["prompt"], "teacher_response": r["teacher_response"]} for r in rows]
 
 
 def world_size() -> int:
@@ -66,12 +62,6 @@ def gradient_accumulation(sequences_per_step: int, micro_batch_size: int) -> int
     return sequences_per_step // per_pass
 
 
-def check_enough_prompts(n_prompts: int, batch_prompts: int) -> None:
-    if n_prompts < batch_prompts:
-        raise ConfigError(
-            f"train.batch_prompts={batch_prompts} but only {n_prompts} prompts have a teacher response: "
-            "lower batch_prompts or add data"
-        )
 
 
 def trainer_args(cfg: RunConfig, stage: str, sequences_per_step: int) -> dict[str, Any]:

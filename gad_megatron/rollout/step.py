@@ -1,0 +1,107 @@
+"""One rollout step: this step's prompts -> ``n`` completions each from the inference engine.
+
+Each completion comes back twice over: as sampled (token ids and the engine's log-probs, for
+the policy loss and its importance weights) and as the discriminator sees it, the decoded
+text re-encoded by :meth:`TextEncoder.encode` exactly like the teacher's text (same chat
+template, ``response.strip()``, same end-of-turn; see docs/decisions.md "Text path"). A
+completion cut by the token budget gets no end-of-turn, like a teacher response that fills it.
+
+Sampling is seeded from ``(run seed, step, rank)``, so a run resumed at step ``s`` samples the
+same rollouts as the original run did at ``s`` (given the same weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gad_megatron.data import Messages
+from gad_megatron.discriminator import TextEncoder
+from gad_megatron.rollout.engine import Completion, InferenceEngine, SamplingParams
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How rollouts are sampled (paper: n = 8, temperature 0.8, 1536 tokens)."""
+
+    n: int
+    max_tokens: int  # the response budget: D's TextEncoder.max_response_length must match
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One completion of one prompt."""
+
+    prompt_index: int  # into the step's prompts
+    token_ids: tuple[int, ...]  # as sampled, the stop token included when one was hit
+    logprobs: tuple[float, ...]  # the engine's log-prob of each sampled token
+    text: str  # decoded, special tokens skipped
+    truncated: bool  # cut by the token budget
+    d_input_ids: tuple[int, ...]  # D's input: prompt template + text.strip() [+ end-of-turn]
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+def rollout_seed(run_seed: int, step: int, rank: int) -> int:
+    """A 63-bit sampling seed, a pure function of its arguments (stable across processes and
+    Python versions, unlike ``hash``), different for every step and rank."""
+    digest = hashlib.blake2b(f"gad-rollout:{run_seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def stop_token_ids(encoder: TextEncoder) -> tuple[int, ...]:
+    """The tokens that end a completion: the first end-of-turn token of the chat template and eos."""
+    candidates = (encoder.end_of_turn_ids()[0], encoder.tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(t for t in candidates if t is not None))
+
+
+def sampling_params(settings: RolloutSettings, encoder: TextEncoder, seed: int) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
+        stop_token_ids=stop_token_ids(encoder), seed=seed, n=settings.n,
+    )  # fmt: skip
+
+
+def to_rollout(completion: Completion, prompt: Messages, d_encoder: TextEncoder) -> Rollout:
+    """A completion with D's canonical encoding of its text (no end-of-turn when truncated)."""
+    d_ids = d_encoder.encode(prompt, completion.text, [] if completion.truncated else None)
+    return Rollout(
+        prompt_index=completion.prompt_index, token_ids=tuple(completion.token_ids),
+        logprobs=tuple(completion.logprobs), text=completion.text, truncated=completion.truncated,
+        d_input_ids=tuple(d_ids),
+    )  # fmt: skip
+
+
+def rollout_step(
+    engine: InferenceEngine, prompts: Sequence[Messages], policy_encoder: TextEncoder, d_encoder: TextEncoder,
+    settings: RolloutSettings, run_seed: int, step: int, rank: int,
+) -> list[Rollout]:  # fmt: skip
+    """``settings.n`` rollouts per prompt, grouped by prompt in prompt order.
+
+    ``policy_encoder`` renders the prompts for the engine (the policy's chat template) and
+    gives the stop tokens; ``d_encoder`` re-encodes each completion's text for D.
+    """
+    if d_encoder.max_response_length != settings.max_tokens:
+        raise ValueError(
+            f"rollout budget max_tokens={settings.max_tokens} differs from the discriminator's "
+            f"max_response_length={d_encoder.max_response_length}: teacher and rollouts would be cut differently"
+        )
+    prompt_ids = [policy_encoder.prompt_ids(p) for p in prompts]
+    params = sampling_params(settings, policy_encoder, rollout_seed(run_seed, step, rank))
+    completions = engine.generate(prompt_ids, params)
+    return [to_rollout(c, prompts[c.prompt_index], d_encoder) for c in completions]
+
+
+def rollout_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
+    """Mean and max completion length (tokens) and the truncated fraction, for the step's log."""
+    lengths = [r.length for r in rollouts]
+    return {
+        "rollout/length_mean": sum(lengths) / max(len(lengths), 1),
+        "rollout/length_max": float(max(lengths, default=0)),
+        "rollout/truncated": sum(r.truncated for r in rollouts) / max(len(rollouts), 1),
+    }

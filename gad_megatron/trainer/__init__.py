@@ -1,0 +1,1 @@
+"""Training stages on megatron-core: seqkd, warmup, gad."""

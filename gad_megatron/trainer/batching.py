@@ -1,0 +1,118 @@
+"""Sequences -> padded token batches -> micro-batches sized by a token budget.
+
+A sequence is ``prompt + response`` token ids. Position t of a row predicts token t + 1, so
+every per-token tensor is aligned to targets: ``loss_mask_BT[b, t]`` is 1 when token t + 1 is
+a response token (the end-of-turn included, the prompt never). Rows are right-padded with the
+pad id and a 0 mask; megatron-core's causal attention then needs no padding mask.
+
+All micro-batches of one call have the same [rows, T] shape (T = the longest sequence of the
+call, rows = token budget // T, the last micro-batch padded with empty rows): the pipeline
+schedule sends activations of one fixed shape between stages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import TypeVar
+
+import torch
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded rows and target-aligned per-token tensors (all [B, T])."""
+
+    input_ids_BT: torch.Tensor  # long
+    target_ids_BT: torch.Tensor  # long: input shifted left by one, pad at the end
+    loss_mask_BT: torch.Tensor  # float: 1 where the target is a response token
+    advantages_BT: torch.Tensor | None = None  # float: the row's advantage on its response tokens
+    engine_logprobs_BT: torch.Tensor | None = None  # float: the rollout engine's log-prob of each target
+    row_ids_B: torch.Tensor | None = None  # long: each row's index in the caller's list (-1: filler)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask_BT.sum().item())
+
+
+@dataclass
+class ScoreBatch:
+    """Right-padded sequences for D: each row's last real position and its weight in the loss."""
+
+    input_ids_BT: torch.Tensor  # long
+    last_B: torch.Tensor  # long: index of the last real token
+    weight_B: torch.Tensor  # float: dLoss/dscore of the row (0 for filler rows)
+    row_ids_B: torch.Tensor  # long: each row's index in the caller's list (-1: filler)
+
+
+def build_score_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> ScoreBatch:
+    """Right-padded rows; weights start at 0 (set them from the loss's gradient to update D)."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    if not len(sequences) or bool((lengths == 0).any()):
+        raise ValueError("need at least one sequence and no empty one")
+    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return ScoreBatch(ids, lengths - 1, torch.zeros(len(sequences)), torch.arange(len(sequences)))
+
+
+Batch = TypeVar("Batch", TokenBatch, ScoreBatch)
+
+
+def build_batch(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    advantages: Sequence[float] | None = None,
+    engine_logprobs: Sequence[Sequence[float]] | None = None,
+) -> TokenBatch:
+    """Rows ``prompt_i + response_i``, right-padded to the longest. ``engine_logprobs[i][j]`` is
+    the engine's log-prob of ``responses[i][j]``; ``advantages[i]`` applies to all of row i's
+    response tokens."""
+    if len(prompts) != len(responses) or not prompts:
+        raise ValueError(f"need as many prompts as responses (> 0), got {len(prompts)} and {len(responses)}")
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    rows = len(prompts)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    target_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(rows, width)
+    adv = torch.zeros(rows, width) if advantages is not None else None
+    engine = torch.zeros(rows, width) if engine_logprobs is not None else None
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        seq = torch.tensor([*prompt, *response], dtype=torch.long)
+        n, start = len(seq), len(prompt) - 1  # position start predicts the first response token
+        input_ids[i, :n] = seq
+        target_ids[i, : n - 1] = seq[1:]
+        span = slice(start, start + len(response))
+        mask[i, span] = 1.0
+        if adv is not None:
+            adv[i, span] = float(advantages[i])  # type: ignore[index]
+        if engine is not None:
+            engine[i, span] = torch.tensor(engine_logprobs[i], dtype=torch.float32)  # type: ignore[index]
+    return TokenBatch(input_ids, target_ids, mask, adv, engine, torch.arange(rows))
+
+
+def micro_batches(batch: Batch, token_budget: int, pad_id: int) -> list[Batch]:
+    """Split ``batch`` into micro-batches of ``max(1, token_budget // T)`` rows of the same shape.
+
+    Filler rows (all padding, zero mask and weight, ``row_ids_B`` -1) complete the last
+    micro-batch; they add nothing to any loss.
+    """
+    rows, width = batch.input_ids_BT.shape
+    per_micro = max(1, min(rows, token_budget // width))
+    filler = (-rows) % per_micro
+    if filler:
+        batch = replace(batch, **{
+            f.name: torch.cat([value, torch.full((filler, *value.shape[1:]), _fill_value(f.name, pad_id),
+                                                 dtype=value.dtype)])
+            for f in fields(batch) if (value := getattr(batch, f.name)) is not None
+        })  # fmt: skip
+    return [_take_rows(batch, slice(s, s + per_micro)) for s in range(0, rows + filler, per_micro)]
+
+
+def _fill_value(name: str, pad_id: int) -> int:
+    return pad_id if name.endswith("ids_BT") else -1 if name == "row_ids_B" else 0
+
+
+def _take_rows(batch: Batch, index: slice) -> Batch:
+    return replace(batch, **{f.name: v[index] for f in fields(batch) if (v := getattr(batch, f.name)) is not None})

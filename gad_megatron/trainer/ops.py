@@ -1,0 +1,156 @@
+"""The model passes of a GAD step: policy log-probs, SFT and policy-gradient updates of G,
+D's scores and D's update in bounded memory.
+
+Every function takes micro-batches built by :mod:`gad_megatron.trainer.batching` (the same on
+every rank of a model-parallel group) and returns results on every rank that needs them.
+Log-probs come from the policy's TP-sharded logits through
+:func:`gad_megatron.loss.vocab_parallel_logprobs` (the vocabulary is never gathered).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from gad_megatron.loss import disc_score_grads, policy_loss, vocab_parallel_logprobs
+from gad_megatron.models.discriminator import stage_forward
+from gad_megatron.models.policy import MegatronLM, model_device
+from gad_megatron.trainer.actor import Actor, optimizer_step, run_micro_batches, zero_grad
+from gad_megatron.trainer.batching import ScoreBatch, TokenBatch
+
+CHUNK_TOKENS = 1024
+
+
+def _tp() -> tuple[torch.distributed.ProcessGroup, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_rank()
+
+
+def _policy_forward(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """-> logits [B, T, V/TP] of this TP rank's vocabulary shard on the last stage."""
+    return model(input_ids=batch.input_ids_BT.to(model_device()), position_ids=None, attention_mask=None)
+
+
+def _logprobs(logits_BTV: torch.Tensor, batch: TokenBatch, lm: MegatronLM, temperature: float,
+              with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    group, rank = _tp()
+    return vocab_parallel_logprobs(
+        logits_BTV, batch.target_ids_BT.to(logits_BTV.device), group, rank * logits_BTV.shape[-1], CHUNK_TOKENS,
+        real_vocab_size=lm.layout.vocab_size, temperature=temperature, with_entropy=with_entropy,
+    )  # fmt: skip
+
+
+def policy_logprobs(lm: MegatronLM, micro: Sequence[TokenBatch], temperature: float) -> list[torch.Tensor]:
+    """Per-token log-probs of each micro-batch's targets, without autograd ([B, T] each, last
+    pipeline stage only; [] on the others). For the KL reference model."""
+    out: list[torch.Tensor] = []
+
+    def keep(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        out.append(_logprobs(logits, batch, lm, temperature)[0].cpu())
+        return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {}
+
+    run_micro_batches(lm.model, micro, _policy_forward, keep, train=False)
+    return out
+
+
+def sft_update(actor: Actor, micro: Sequence[TokenBatch]) -> tuple[list[dict[str, torch.Tensor]], float]:
+    """One optimizer step of next-token NLL on the masked (response) tokens, token mean over the
+    global batch. -> (per-micro-batch metric sums, grad norm)."""
+
+    def loss(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        mask = batch.loss_mask_BT.to(logits.device)
+        logprobs, _ = _logprobs(logits, batch, actor.lm, 1.0)
+        nll = -(logprobs * mask).sum()
+        count = mask.sum().to(torch.int)
+        return nll, count, {"sft_loss": nll.detach(), "sft_tokens": count.float()}
+
+    zero_grad(actor)
+    metrics = run_micro_batches(actor.ddp, micro, _policy_forward, loss, train=True)
+    return metrics, optimizer_step(actor)
+
+
+def policy_gradient_update(
+    actor: Actor, micro: Sequence[TokenBatch], ref_logprobs: Sequence[torch.Tensor] | None, temperature: float,
+    clip: float, kl_beta: float, tis_cap: float | None,
+) -> tuple[list[dict[str, torch.Tensor]], float]:  # fmt: skip
+    """One optimizer step of the clipped policy gradient with k3 KL to the reference and TIS.
+
+    One update per rollout batch: the parameters do not change between micro-batches, so the
+    "old" log-probs are this forward's own, detached (ratio 1, exact gradient), and no second
+    forward is needed. -> (per-micro-batch metric sums, grad norm)."""
+    refs = iter(ref_logprobs) if ref_logprobs is not None else None
+
+    def loss(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        device = logits.device
+        mask = batch.loss_mask_BT.to(device)
+        logprobs, entropy = _logprobs(logits, batch, actor.lm, temperature, with_entropy=True)
+        value, metrics = policy_loss(
+            logprobs, logprobs.detach(), batch.advantages_BT.to(device), mask, 1,
+            ref_logprobs_T=None if refs is None else next(refs).to(device),
+            engine_logprobs_T=batch.engine_logprobs_BT.to(device) if tis_cap is not None else None,
+            clip=clip, kl_beta=kl_beta, tis_cap=tis_cap,
+        )  # fmt: skip
+        metrics["ratio_dev_max"] = metrics.pop("ratio_max_dev")
+        metrics["entropy"] = (entropy * mask).sum()
+        metrics["engine_logprob_diff"] = ((logprobs.detach() - batch.engine_logprobs_BT.to(device)) * mask).sum()
+        metrics["policy_tokens"] = mask.sum()
+        return value, mask.sum().to(torch.int), metrics
+
+    zero_grad(actor)
+    metrics = run_micro_batches(actor.ddp, micro, _policy_forward, loss, train=True)
+    return metrics, optimizer_step(actor)
+
+
+def _score_forward(model: torch.nn.Module, batch: ScoreBatch) -> torch.Tensor:
+    device = model_device()
+    return stage_forward(model, batch.input_ids_BT.to(device), batch.last_B.to(device))
+
+
+def score(lm: MegatronLM, micro: Sequence[ScoreBatch], total_rows: int) -> torch.Tensor:
+    """D's score of every row, without autograd, on every rank of the pipeline. -> [total_rows] fp32"""
+    from megatron.core import parallel_state
+
+    scores = torch.zeros(total_rows, dtype=torch.float32)
+
+    def keep(out: torch.Tensor, batch: ScoreBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        real = batch.row_ids_B >= 0
+        scores[batch.row_ids_B[real]] = out.detach().float().cpu()[real]
+        return out.new_zeros(()), torch.zeros((), dtype=torch.int), {}
+
+    run_micro_batches(lm.model, micro, _score_forward, keep, train=False)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(scores, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
+    return scores
+
+
+def disc_update(actor: Actor, micro: Sequence[ScoreBatch], teacher_P: torch.Tensor, student_PN: torch.Tensor,
+                loss_name: str) -> tuple[float, float]:
+    """One optimizer step of D on the pairs scored by :func:`score`, in the memory of one micro-batch.
+
+    The loss's gradient with respect to each score (``disc_score_grads``) becomes the row's
+    weight; each micro-batch is re-run with autograd and back-propagates ``sum(weight * score)``:
+    summed over micro-batches that is exactly the gradient of the loss. Rows are numbered
+    teacher first (P), then rollouts (P x N, prompt-major). Weights are scaled by this rank's
+    pair count, and megatron-core divides by the pair count summed over data-parallel ranks,
+    so the update is the gradient of the mean over all pairs of the global batch.
+    -> (this rank's loss, grad norm)."""
+    value, grad_teacher, grad_student = disc_score_grads(teacher_P, student_PN, loss_name)  # type: ignore[arg-type]
+    pairs = student_PN.numel()
+    weights = torch.cat([grad_teacher, grad_student.reshape(-1)]) * pairs
+    first = True
+
+    def loss(out: torch.Tensor, batch: ScoreBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        nonlocal first
+        real = batch.row_ids_B >= 0
+        w = torch.zeros(len(batch.row_ids_B))
+        w[real] = weights[batch.row_ids_B[real]]
+        count = torch.tensor(pairs if first else 0, dtype=torch.int)  # the pairs, counted once per rank
+        first = False
+        return (out.float() * w.to(out.device)).sum(), count, {}
+
+    zero_grad(actor)
+    run_micro_batches(actor.ddp, micro, _score_forward, loss, train=True)
+    return float(value), optimizer_step(actor)

@@ -1,0 +1,224 @@
+"""Run a stage on megatron-core: build the parts from the run config, loop, checkpoint, export.
+
+    gad train --config my.yaml --stage warmup                               # one process (CPU or GPU)
+    torchrun --nproc_per_node 2 -m gad_megatron.cli train --config my.yaml --stage gad --set parallel.tensor_parallel=2
+    sbatch --nodes 2 slurm/gad.sbatch my.yaml                               # Slurm (srun -> torchrun)
+
+The config is read here and only here: the parts (models, optimizers, engine, data plan) are
+built from it and handed to :mod:`gad_megatron.trainer.steps` as plain values.
+Outputs in ``<run_dir>/<stage>/``: ``megatron/iter_*`` (dist checkpoints with optimizer states,
+resumable at any TP x PP; the newest ``train.keep_resume_states`` kept), ``checkpoint-<step>/``
+every ``save_steps`` and ``final/`` (HF generator, ``discriminator/`` an HF sequence classifier,
+a ``COMPLETE`` marker: what ``gad generate --sweep`` / ``eval`` read), ``metrics.jsonl`` (+ ``tb/``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gad_megatron import checkpoint, preemption
+from gad_megatron.config import ConfigError, RunConfig, save_resolved_config
+from gad_megatron.discriminator import TextEncoder
+from gad_megatron.rollout.step import RolloutSettings
+from gad_megatron.trainer.actor import TRAINING_OVERRIDES, build_actor
+from gad_megatron.trainer.metrics import MetricsLogger, NonFiniteError, check_finite
+from gad_megatron.trainer.setup import (
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    DISCRIMINATOR_DIR,
+    StepPlan,
+    data_parallel_share,
+    stage_dir,
+    stage_models,
+    training_records,
+)
+from gad_megatron.trainer.steps import STEPS, StepContext
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "COMPLETE"
+WATCHED = ("d_loss", "sft_loss", "policy_loss", "kl", "grad_norm_g", "grad_norm_d", "teacher_score", "student_score")
+
+
+def _precision(cfg: RunConfig) -> str:
+    """The configured precision on GPUs; fp32 on CPUs (bf16 matmuls there are slow or emulated)."""
+    return cfg.parallel.precision if torch.cuda.is_available() else "fp32"
+
+
+def _dtype(cfg: RunConfig) -> torch.dtype:
+    return torch.float32 if _precision(cfg) == "fp32" else torch.bfloat16
+
+
+def _model_overrides(cfg: RunConfig) -> dict[str, Any]:
+    from gad_megatron.models.precision import precision_overrides
+
+    return {**TRAINING_OVERRIDES, **precision_overrides(_precision(cfg), cfg.parallel.fp8_recipe)}
+
+
+def _tis_cap(cfg: RunConfig) -> float | None:
+    return cfg.train.tis_cap if cfg.train.tis_cap is not None or _precision(cfg) != "fp8" else 2.0
+
+
+def _engine(cfg: RunConfig, hf_dir: str, tokenizer: Any, dtype: torch.dtype) -> Any | None:
+    """The rollout engine, on the first rank of each model-parallel group (None elsewhere)."""
+    from megatron.core import parallel_state
+
+    if cfg.train.use_vllm:
+        from gad_megatron.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(hf_dir, tokenizer, tensor_parallel_size=cfg.parallel.rollout_tensor_parallel,
+                          gpu_memory_utilization=cfg.parallel.rollout_gpu_memory_utilization, seed=cfg.seed,
+                          dtype=str(dtype).removeprefix("torch."))  # fmt: skip
+    leader = torch.distributed.get_process_group_ranks(parallel_state.get_model_parallel_group())[0]
+    if torch.distributed.get_rank() != leader:
+        return None
+    from transformers import AutoConfig
+
+    from gad_megatron.rollout.hf_engine import TransformersEngine
+
+    return TransformersEngine.from_config(AutoConfig.from_pretrained(hf_dir), tokenizer, dtype=dtype)
+
+
+def build_context(cfg: RunConfig, stage: str) -> tuple[StepContext, StepPlan, list[dict[str, Any]], Any]:
+    """Models, optimizers, engine and data of ``stage``; the policy's weights synced to the engine."""
+    from gad_megatron.models.discriminator import load_discriminator
+    from gad_megatron.models.policy import build_policy
+    from gad_megatron.models.sources import load_tokenizer, resolve_model_path
+    from gad_megatron.rollout.reshard import sync_weights
+
+    t, dtype = cfg.train, _dtype(cfg)
+    generator_spec, d_spec = stage_models(cfg, stage)
+    if stage == "gad" and not Path(resolve_model_path(generator_spec)).is_dir():
+        raise ConfigError(f"gad starts from the warmup stage's output: {generator_spec} not found (run --stage warmup)")
+    generator = resolve_model_path(generator_spec)
+    tokenizer = load_tokenizer(generator, cfg.trust_remote_code)
+    records = training_records(cfg, tokenizer)
+    plan = StepPlan.of(len(records), t.batch_prompts, t.epochs or DEFAULT_EPOCHS[stage], t.max_steps, cfg.seed)
+    overrides = _model_overrides(cfg)
+    g = build_actor(build_policy(generator, dtype, **overrides), t.learning_rate or DEFAULT_LR[stage],
+                    t.max_grad_norm, cfg.parallel.distributed_optimizer)  # fmt: skip
+    d_lm, d = None, None  # D scores (d_lm) and, unless frozen, learns (d: its optimizer side)
+    if stage != "seqkd":
+        d_lm = load_discriminator(resolve_model_path(d_spec), dtype, seed=cfg.seed, **overrides)
+        if not (stage == "gad" and t.freeze_discriminator):
+            d = build_actor(d_lm, t.disc_learning_rate, t.max_grad_norm, cfg.parallel.distributed_optimizer)
+    ref = build_policy(generator, dtype) if stage == "gad" and t.beta > 0 else None
+    engine = _engine(cfg, generator, tokenizer, dtype) if stage != "seqkd" else None
+    if stage != "seqkd":
+        sync_weights(g.lm, None, engine)
+    ctx = StepContext(
+        g=g, d_lm=d_lm, d=d, ref=ref, engine=engine,
+        encoder=TextEncoder(tokenizer, cfg.data.max_prompt_length, t.max_response_length),
+        rollout=RolloutSettings(n=t.num_generations, max_tokens=t.max_response_length, temperature=t.temperature),
+        token_budget=cfg.parallel.micro_batch_tokens, disc_loss=t.disc_loss, clip=t.epsilon, kl_beta=t.beta,
+        tis_cap=_tis_cap(cfg), seed=cfg.seed, disc_only_steps=t.disc_only_steps if stage == "warmup" else 0,
+    )  # fmt: skip
+    return ctx, plan, records, tokenizer
+
+
+def _models(ctx: StepContext) -> dict[str, Any]:
+    return {"generator": ctx.g.lm} | ({"discriminator": ctx.d_lm} if ctx.d_lm is not None else {})
+
+
+def _optimizers(ctx: StepContext) -> dict[str, Any]:
+    return {"generator": ctx.g.optimizer} | ({"discriminator": ctx.d.optimizer} if ctx.d is not None else {})
+
+
+def _resume(ctx: StepContext, ckpt_dir: Path, resume: str | None) -> int:
+    """Load the newest complete checkpoint (or the one named); the step it finished (0: fresh)."""
+    from gad_megatron.rollout.reshard import sync_weights
+
+    if resume is None:
+        return 0
+    path = checkpoint.latest_checkpoint(ckpt_dir, clean=True) if resume == "latest" else Path(resume)
+    if path is None:
+        log.info("no complete checkpoint in %s: starting from step 1", ckpt_dir)
+        return 0
+    checkpoint.load_checkpoint(path, _models(ctx), _optimizers(ctx))
+    step = int(checkpoint.read_meta(path)["step"])
+    if ctx.d_lm is not None:  # the stages with rollouts
+        sync_weights(ctx.g.lm, None, ctx.engine)
+    log.info("resumed from %s (step %d)", path, step)
+    return step
+
+
+def _export_hf(ctx: StepContext, out: Path, tokenizer: Any) -> Path:
+    """G as an HF causal LM in ``out``, D as an HF sequence classifier in ``out/discriminator``,
+    then the ``COMPLETE`` marker that ``gad generate --sweep`` and ``--resume`` look for."""
+    from gad_megatron.rollout.reshard import export_hf
+
+    export_hf(ctx.g.lm, None, out, tokenizer)
+    if ctx.d_lm is not None:
+        export_hf(ctx.d_lm, None, out / DISCRIMINATOR_DIR, tokenizer)
+    if torch.distributed.get_rank() == 0:
+        (out / COMPLETE_MARKER).write_text("complete\n")
+    torch.distributed.barrier()
+    return out
+
+
+def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
+    """Run ``cfg.train.stage``; return its exported ``final/`` directory."""
+    from megatron.core import parallel_state
+
+    from gad_megatron.models.precision import check_precision_supported
+    from gad_megatron.parallel.launch import init_distributed
+
+    stage, t = cfg.train.stage, cfg.train
+    out_dir = stage_dir(cfg, stage)
+    final = out_dir / "final"
+    if resume is not None and (final / COMPLETE_MARKER).is_file():
+        log.info("%s already finished: %s (delete it to train again)", stage, final)
+        return final
+    check_precision_supported(cfg.parallel.precision, cfg.parallel.fp8_recipe)
+    preemption.install()  # before the models load, which takes the longest
+    launch = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.seed)
+    ctx, plan, records, tokenizer = build_context(cfg, stage)
+    ckpt_dir = out_dir / "megatron"
+    if launch.rank == 0:
+        if resume is None:  # a fresh run replaces the stage's earlier outputs
+            for old in (final, ckpt_dir, *out_dir.glob("checkpoint-*")):
+                if old.exists():
+                    log.warning("%s: removing %s from an earlier run (train with --resume to continue it)", stage, old)
+                    shutil.rmtree(old)
+        save_resolved_config(cfg, out_dir)
+    torch.distributed.barrier()
+    start = _resume(ctx, ckpt_dir, resume)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    step_fn = STEPS[stage]
+    with MetricsLogger.open(cfg.run_dir, stage, plan.total_steps, t.report_to, launch.rank, resume_step=start + 1) as logger:
+        for step in range(start + 1, plan.total_steps + 1):
+            prompts = [records[i] for i in data_parallel_share(plan.prompts_of(step), dp_rank, dp_size)]
+            metrics = step_fn(ctx, prompts, step)
+            check_finite(step, metrics, [k for k in WATCHED if k in metrics])
+            logger.log(step, metrics)
+            stop = preemption.should_stop()
+            if step % t.save_steps == 0 or stop or (step == plan.total_steps and t.keep_resume_states):
+                checkpoint.save_checkpoint(ckpt_dir, step, _models(ctx), _optimizers(ctx),
+                                           extra_state={"stage": stage}, keep=max(1, t.keep_resume_states))  # fmt: skip
+            if step % t.save_steps == 0 and step < plan.total_steps:  # the last step's weights are final/
+                _export_hf(ctx, out_dir / f"checkpoint-{step}", tokenizer)
+            if stop and step < plan.total_steps:
+                log.warning("preempted after step %d: checkpoint written, exiting %d (resume with --resume)",
+                            step, preemption.PREEMPTED_EXIT_CODE)  # fmt: skip
+                sys.exit(preemption.PREEMPTED_EXIT_CODE)
+    _export_hf(ctx, final, tokenizer)
+    if not t.keep_resume_states and launch.rank == 0:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return final
+
+
+def run_stage(cfg: RunConfig, resume: str | None = None) -> int:
+    """CLI entry: train, say where the model went; NaN/inf stops with the step and quantity (exit 1)."""
+    try:
+        final = train_stage(cfg, resume)
+    except NonFiniteError as err:
+        log.error("training stopped: %s; the last complete checkpoint is intact (resume with --resume)", err)
+        return 1
+    log.info("%s finished: %s", cfg.train.stage, final)  # every rank: per-node logs show who got here
+    return 0

@@ -1,0 +1,222 @@
+"""One optimizer step of each stage, on megatron-core.
+
+GAD (arXiv 2511.10643): the generator G is trained by policy gradient on the discriminator's
+score; D is trained every step to prefer the teacher's response to each of G's rollouts:
+
+    D:  min  E_{x, i} -log sigmoid(D(x, y_teacher) - D(x, y_i))          (Bradley-Terry)
+    G:  max  E_{x, y ~ G} [A(x, y)] - beta KL(G || G_warmup),  A = group-normalised D(x, y)
+
+:func:`gad_step` reads top to bottom: generate -> score -> update D -> update G -> sync. The
+rewards are D's scores *before* this step's D update; each teacher response is forwarded once
+per prompt; D's update re-runs one micro-batch at a time (bounded memory). Departures from the
+paper's code, each deliberate: the policy loss reuses its own forward as the "old" log-probs
+(one update per rollout batch makes them equal), and rollouts come from a colocated engine
+synchronised after every G update (vLLM on GPUs, transformers on CPUs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gad_megatron.discriminator import TextEncoder
+from gad_megatron.loss import group_advantages, pair_accuracy
+from gad_megatron.rollout.engine import InferenceEngine
+from gad_megatron.rollout.reshard import sync_weights
+from gad_megatron.rollout.step import Rollout, RolloutSettings, rollout_metrics, rollout_step
+from gad_megatron.trainer import ops
+from gad_megatron.trainer.actor import Actor, sum_metrics
+from gad_megatron.trainer.batching import build_batch, build_score_batch, micro_batches
+from gad_megatron.trainer.metrics import PhaseTimer
+
+
+@dataclass
+class StepContext:
+    """What every step needs, built once per stage by :mod:`gad_megatron.trainer.run`."""
+
+    g: Actor
+    d_lm: Any | None  # D (a MegatronLM) that scores; None in seqkd
+    d: Actor | None  # D's optimizer side; None in seqkd and with a frozen D
+    ref: Any | None  # the KL reference (frozen warmup G, a MegatronLM) in gad
+    engine: InferenceEngine | None  # on the first rank of each model-parallel group
+    encoder: TextEncoder  # one text path for teacher text, rollouts, prompts
+    rollout: RolloutSettings
+    token_budget: int  # tokens per micro-batch (parallel.micro_batch_tokens)
+    disc_loss: str
+    clip: float
+    kl_beta: float
+    tis_cap: float | None
+    seed: int
+    disc_only_steps: int = 0
+
+    @property
+    def pad_id(self) -> int:
+        return self.encoder.tokenizer.pad_token_id
+
+
+Prompts = Sequence[dict[str, Any]]  # records: {"id", "prompt", "teacher_response"}
+
+
+def _model_parallel() -> tuple[Any, int]:
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_model_parallel_group()
+    return group, torch.distributed.get_process_group_ranks(group)[0]
+
+
+def _dp_group() -> Any:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group()
+
+
+def generate(ctx: StepContext, prompts: Prompts, step: int) -> list[Rollout]:
+    """``n`` rollouts per prompt from the engine on the first rank of this model-parallel group,
+    shared with the group's other ranks (they train on the same rollouts)."""
+    group, leader = _model_parallel()
+    box: list[Any] = [None]
+    if ctx.engine is not None:
+        box[0] = rollout_step(ctx.engine, [p["prompt"] for p in prompts], ctx.encoder, ctx.encoder, ctx.rollout,
+                              ctx.seed, step, torch.distributed.get_rank())  # fmt: skip
+    torch.distributed.broadcast_object_list(box, src=leader, group=group)
+    return box[0]
+
+
+def score_pairs(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout]) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """D's scores of each teacher response (forwarded once per prompt) and each rollout, from one
+    pass without autograd. -> (teacher [P], rollouts [P, N], D's micro-batches for the update)."""
+    assert ctx.d_lm is not None
+    teacher = [ctx.encoder.encode(p["prompt"], p["teacher_response"]) for p in prompts]
+    batch = build_score_batch(teacher + [list(r.d_input_ids) for r in rollouts], ctx.pad_id)
+    micro = micro_batches(batch, ctx.token_budget, ctx.pad_id)
+    scores = ops.score(ctx.d_lm, micro, len(teacher) + len(rollouts))
+    return scores[: len(teacher)], scores[len(teacher) :].view(len(teacher), ctx.rollout.n), micro
+
+
+def update_discriminator(ctx: StepContext, micro: list, teacher_P: torch.Tensor, student_PN: torch.Tensor) -> dict[str, float]:
+    assert ctx.d is not None
+    loss, grad_norm = ops.disc_update(ctx.d, micro, teacher_P, student_PN, ctx.disc_loss)
+    return {"d_loss": _dp_mean(loss), "grad_norm_d": grad_norm}
+
+
+def update_generator_pg(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout],
+                        advantages_PN: torch.Tensor) -> dict[str, float]:  # fmt: skip
+    """Clipped policy gradient on the sampled tokens, KL to the reference, TIS when configured."""
+    prompt_ids = [ctx.encoder.prompt_ids(prompts[r.prompt_index]["prompt"]) for r in rollouts]
+    batch = build_batch(prompt_ids, [list(r.token_ids) for r in rollouts], ctx.pad_id,
+                        advantages=advantages_PN.reshape(-1).tolist(), engine_logprobs=[list(r.logprobs) for r in rollouts])  # fmt: skip
+    micro = micro_batches(batch, ctx.token_budget, ctx.pad_id)
+    refs = ops.policy_logprobs(ctx.ref, micro, ctx.rollout.temperature) if ctx.ref is not None and ctx.kl_beta else None
+    per_micro, grad_norm = ops.policy_gradient_update(ctx.g, micro, refs, ctx.rollout.temperature, ctx.clip,
+                                                      ctx.kl_beta, ctx.tis_cap)  # fmt: skip
+    totals = _last_stage_sums(per_micro)
+    tokens = max(totals.pop("policy_tokens", 0.0), 1.0)
+    out = {k: v / tokens for k, v in totals.items() if not k.endswith("_max")}
+    out["ratio_dev_max"] = totals.get("ratio_dev_max", 0.0)
+    out["policy_loss"] = out.pop("pg_loss", 0.0) + ctx.kl_beta * out.get("kl", 0.0)
+    out["grad_norm_g"] = grad_norm
+    return out
+
+
+def update_generator_sft(ctx: StepContext, prompts: Prompts) -> dict[str, float]:
+    """Next-token NLL on the teacher's response (end-of-turn included), token mean."""
+    prompt_ids = [ctx.encoder.prompt_ids(p["prompt"]) for p in prompts]
+    eot = ctx.encoder.end_of_turn_ids()
+    responses = [ctx.encoder.response_ids(p["teacher_response"], eot) for p in prompts]
+    micro = micro_batches(build_batch(prompt_ids, responses, ctx.pad_id), ctx.token_budget, ctx.pad_id)
+    per_micro, grad_norm = ops.sft_update(ctx.g, micro)
+    totals = _last_stage_sums(per_micro)
+    return {"sft_loss": totals.get("sft_loss", 0.0) / max(totals.get("sft_tokens", 0.0), 1.0), "grad_norm_g": grad_norm}
+
+
+def sync(ctx: StepContext) -> dict[str, float]:
+    stats = sync_weights(ctx.g.lm, None, ctx.engine)
+    return {"sync_gb_per_s": stats.gb_per_s}
+
+
+def gad_step(ctx: StepContext, prompts: Prompts, step: int) -> dict[str, float]:
+    """generate -> score -> update D -> update G -> sync weights."""
+    timer, metrics = PhaseTimer(), {}
+    with timer("rollout"):
+        rollouts = generate(ctx, prompts, step)
+    with timer("scoring"):
+        teacher_P, student_PN, d_micro = score_pairs(ctx, prompts, rollouts)
+    rewards_PN = student_PN  # D's scores before this step's update
+    if ctx.d is not None:  # None: the frozen-D ablation
+        with timer("d_update"):
+            metrics |= update_discriminator(ctx, d_micro, teacher_P, student_PN)
+    advantages_PN = group_advantages(rewards_PN)
+    with timer("g_update"):
+        metrics |= update_generator_pg(ctx, prompts, rollouts, advantages_PN)
+    with timer("sync"):
+        metrics |= sync(ctx)
+    return metrics | timer.pop() | _pair_metrics(teacher_P, student_PN, advantages_PN) | _rollout_metrics(rollouts)
+
+
+def warmup_step(ctx: StepContext, prompts: Prompts, step: int) -> dict[str, float]:
+    """D learns on fresh rollouts; G learns the teacher text by SFT (D alone for the first
+    ``disc_only_steps`` steps)."""
+    timer, metrics = PhaseTimer(), {}
+    with timer("rollout"):
+        rollouts = generate(ctx, prompts, step)
+    with timer("scoring"):
+        teacher_P, student_PN, d_micro = score_pairs(ctx, prompts, rollouts)
+    with timer("d_update"):
+        metrics |= update_discriminator(ctx, d_micro, teacher_P, student_PN)
+    if step > ctx.disc_only_steps:
+        with timer("g_update"):
+            metrics |= update_generator_sft(ctx, prompts)
+        with timer("sync"):
+            metrics |= sync(ctx)
+    advantages_PN = group_advantages(student_PN)
+    return metrics | timer.pop() | _pair_metrics(teacher_P, student_PN, advantages_PN) | _rollout_metrics(rollouts)
+
+
+def seqkd_step(ctx: StepContext, prompts: Prompts, step: int) -> dict[str, float]:
+    """The SeqKD baseline: SFT on the teacher's text."""
+    timer = PhaseTimer()
+    with timer("g_update"):
+        metrics = update_generator_sft(ctx, prompts)
+    return metrics | timer.pop()
+
+
+STEPS = {"gad": gad_step, "warmup": warmup_step, "seqkd": seqkd_step}
+
+
+def _dp_mean(value: float) -> float:
+    group = _dp_group()
+    tensor = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, group=group)
+    return float(tensor.item()) / torch.distributed.get_world_size(group)
+
+
+def _last_stage_sums(per_micro: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Metric sums over micro-batches and data-parallel ranks, from the last pipeline stage to
+    every rank of the pipeline (the logger is on rank 0, the first stage)."""
+    from megatron.core import parallel_state
+
+    box: list[Any] = [sum_metrics(per_micro, _dp_group()) if parallel_state.is_pipeline_last_stage() else None]
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                                group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
+    return box[0]
+
+
+def _pair_metrics(teacher_P: torch.Tensor, student_PN: torch.Tensor, advantages_PN: torch.Tensor) -> dict[str, float]:
+    return {
+        "d_acc": _dp_mean(float(pair_accuracy(teacher_P, student_PN))),
+        "teacher_score": _dp_mean(float(teacher_P.mean())),
+        "student_score": _dp_mean(float(student_PN.mean())),
+        "reward_mean": _dp_mean(float(student_PN.mean())),
+        "reward_std": _dp_mean(float(student_PN.std(dim=1).mean())),
+        "adv_std": _dp_mean(float(advantages_PN.std())),
+    }
+
+
+def _rollout_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
+    m = rollout_metrics(rollouts)
+    return {"len_mean": _dp_mean(m["rollout/length_mean"]), "len_max": m["rollout/length_max"],
+            "truncated_frac": _dp_mean(m["rollout/truncated"])}  # fmt: skip

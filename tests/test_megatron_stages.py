@@ -1,0 +1,151 @@
+"""The stages on megatron-core (CPU, gloo), through the real CLI: each runs 3 steps on a tiny
+model, checkpoints, logs every metric; warmup -> gad chains; 2-process TP=2 / PP=2 runs give
+the losses of 1 process; a resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers.tiny_run import write_tiny_setup
+from tests.helpers.torchrun import ENV, ROOT, free_port
+
+GAD_METRICS = {
+    "d_loss", "d_acc", "teacher_score", "student_score", "reward_mean", "reward_std", "adv_std", "kl",
+    "policy_loss", "clip_frac", "entropy", "grad_norm_g", "grad_norm_d", "len_mean", "len_max", "truncated_frac",
+    "time/rollout", "time/scoring", "time/d_update", "time/g_update", "time/sync", "time/step",
+}
+
+
+def gad(config: Path, stage: str, *sets: str, nproc: int = 1, resume: bool = False) -> subprocess.CompletedProcess:
+    """``gad train`` as a user runs it: one process, or torchrun with ``nproc``."""
+    launcher = [sys.executable, "-m", "gad_megatron.cli"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "-m", "gad_megatron.cli"]  # fmt: skip
+    args = ["train", "--config", str(config), "--stage", stage, *[a for s in sets for a in ("--set", s)]]
+    return subprocess.run([*launcher, *args, *(["--resume"] if resume else [])], env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def metrics(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def chained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict:
+    config = write_tiny_setup(tmp_path_factory.mktemp("chain"), tiny_model_dir)
+    ok(gad(config, "warmup"))
+    ok(gad(config, "gad"))
+    run = config.parent / "run"
+    return {"config": config, "warmup": run / "warmup", "gad": run / "gad"}
+
+
+def test_warmup_trains_d_alone_first_then_both(chained: dict) -> None:
+    stage: Path = chained["warmup"]
+    assert (stage / "final" / "COMPLETE").is_file()
+    # saved at step 2 (save_steps=2) and at the end; keep_resume_states=1 keeps the newest only
+    assert [p.name for p in (stage / "megatron").iterdir()] == ["iter_0000003"]
+    assert (stage / "megatron" / "iter_0000003" / "COMPLETE").is_file()
+    assert (stage / "checkpoint-2" / "COMPLETE").is_file() and (stage / "checkpoint-2" / "discriminator").is_dir()
+    rows = metrics(stage)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert "sft_loss" not in rows[0] and "grad_norm_g" not in rows[0], "disc_only_steps=1: step 1 updates D alone"
+    assert all("sft_loss" in r and r["sft_loss"] > 0 for r in rows[1:])
+    for key in ("d_loss", "d_acc", "grad_norm_d", "time/rollout", "time/d_update", "len_mean"):
+        assert all(key in r for r in rows), key
+
+
+def test_gad_logs_every_metric_and_starts_at_its_reference(chained: dict) -> None:
+    rows = metrics(chained["gad"])
+    assert len(rows) == 3
+    for row in rows:
+        assert not GAD_METRICS - set(row), GAD_METRICS - set(row)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-7), "G starts as its KL reference (warmup's final G)"
+    assert rows[-1]["kl"] > 0
+    # N = 2: group-normalised advantages are +-1/sqrt(2), whose unbiased std over the batch is sqrt(2/3)
+    assert all(r["adv_std"] == pytest.approx((2 / 3) ** 0.5, abs=1e-3) for r in rows)
+    assert all(abs(r["engine_logprob_diff"]) < 1e-4 for r in rows), "engine samples with the trainer's weights"
+
+
+def test_final_models_load_with_transformers(chained: dict) -> None:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    final = chained["gad"] / "final"
+    assert AutoModelForSequenceClassification.from_pretrained(final / "discriminator").config.num_labels == 1
+    assert AutoModelForCausalLM.from_pretrained(final).config.num_hidden_layers == 2
+
+
+def test_frozen_discriminator_and_ce_loss(chained: dict, tmp_path: Path) -> None:
+    warm_final = chained["warmup"] / "final"
+    ok(gad(chained["config"], "gad", f"run_dir={tmp_path / 'frozen'}", f"train.init_from={warm_final}",
+           "train.freeze_discriminator=true", "train.max_steps=2"))  # fmt: skip
+    before = load_file(warm_final / "discriminator" / "model.safetensors")
+    after = load_file(tmp_path / "frozen" / "gad" / "final" / "discriminator" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all("grad_norm_d" not in r for r in metrics(tmp_path / "frozen" / "gad"))
+    ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'ce'}", "train.disc_loss=ce", "train.max_steps=1"))
+    assert metrics(tmp_path / "ce" / "warmup")[0]["d_loss"] > 0
+
+
+def test_seqkd_stage(chained: dict, tmp_path: Path) -> None:
+    ok(gad(chained["config"], "seqkd", f"run_dir={tmp_path}", "train.learning_rate=1e-3"))
+    rows = metrics(tmp_path / "seqkd")
+    assert len(rows) == 3 and all(r["sft_loss"] > 0 for r in rows)
+    assert rows[-1]["sft_loss"] < rows[0]["sft_loss"]
+    assert (tmp_path / "seqkd" / "final" / "model.safetensors").is_file()
+
+
+def test_config_errors_come_before_any_model_loads(chained: dict, tmp_path: Path) -> None:
+    proc = gad(chained["config"], "warmup", f"run_dir={tmp_path}", "train.batch_prompts=64")
+    assert proc.returncode == 2 and "batch_prompts=64 but only 8 prompts" in proc.stderr
+    proc = gad(chained["config"], "warmup", f"run_dir={tmp_path}", "parallel.precision=fp8")
+    assert proc.returncode == 2
+    line = [x for x in proc.stderr.splitlines() if x.startswith("gad: error:")]
+    assert len(line) == 1 and "fp8" in line[0] and "Transformer Engine" in line[0]
+    assert not (tmp_path / "warmup").exists()
+
+
+def _losses(stage_dir: Path) -> list[float]:
+    """D's and G's loss of every step, flat."""
+    return [x for r in metrics(stage_dir) for x in (r["d_loss"], r.get("sft_loss", 0.0))]
+
+
+def test_two_processes_tp2_and_pp2_match_one_process(chained: dict, tmp_path: Path) -> None:
+    """The same global batch on 1 process, TP=2 and PP=2: the same D and G losses step by step."""
+    sets = ["train.max_steps=2", "train.save_steps=100"]
+    ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'one'}", *sets))
+    ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'tp2'}", "parallel.tensor_parallel=2", *sets, nproc=2))
+    ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'pp2'}", "parallel.pipeline_parallel=2", *sets, nproc=2))
+    one = _losses(tmp_path / "one" / "warmup")
+    for layout in ("tp2", "pp2"):
+        assert _losses(tmp_path / layout / "warmup") == pytest.approx(one, abs=2e-5), layout
+
+
+def test_resume_equals_an_uninterrupted_run_and_reshards(chained: dict, tmp_path: Path) -> None:
+    """TP=2, checkpoint every step: a run restarted from step 1 reproduces steps 2-3 and the
+    final weights; a TP=2 checkpoint also resumes at TP=1."""
+    sets = ["train.save_steps=1", "train.keep_resume_states=3", "parallel.tensor_parallel=2"]
+    ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'full'}", *sets, nproc=2))
+    full = tmp_path / "full" / "warmup"
+    for run, nproc, tp in (("tp2", 2, 2), ("tp1", 1, 1)):
+        resumed = tmp_path / run / "warmup"
+        (resumed / "megatron").mkdir(parents=True)
+        subprocess.run(["cp", "-r", str(full / "megatron" / "iter_0000001"), str(resumed / "megatron")], check=True)
+        ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / run}", *sets[:2], f"parallel.tensor_parallel={tp}",
+               nproc=nproc, resume=True))  # fmt: skip
+        assert [r["step"] for r in metrics(resumed)] == [2, 3]
+        assert _losses(resumed) == pytest.approx(_losses(full)[2:], abs=2e-5), run  # steps 2 and 3
+        if run == "tp2":  # same layout: bit-exact weights
+            a = load_file(full / "final" / "model.safetensors")
+            b = load_file(resumed / "final" / "model.safetensors")
+            assert all(torch.equal(a[k], b[k]) for k in a)
