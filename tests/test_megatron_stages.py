@@ -149,3 +149,17 @@ def test_resume_equals_an_uninterrupted_run_and_reshards(chained: dict, tmp_path
             a = load_file(full / "final" / "model.safetensors")
             b = load_file(resumed / "final" / "model.safetensors")
             assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_generator_warmup_and_a_discriminator_of_another_size(chained: dict, tmp_path: Path,
+                                                                tiny_model_dir: Path) -> None:
+    """Paper ablations: gad straight from the student (no warmup), and D larger than G."""
+    from gad_megatron.models.sources import make_tiny_model
+
+    big_d = make_tiny_model(tmp_path / "d", tokenizer_spec=str(tiny_model_dir), layers=3, hidden=96, seed=3)
+    ok(gad(chained["config"], "gad", f"run_dir={tmp_path / 'run'}", f"train.init_from={tiny_model_dir}",
+           f"train.discriminator={big_d}", "train.max_steps=1"))  # fmt: skip
+    rows = metrics(tmp_path / "run" / "gad")
+    assert len(rows) == 1 and rows[0]["kl"] == pytest.approx(0.0, abs=1e-7) and rows[0]["d_loss"] > 0
+    d = load_file(tmp_path / "run" / "gad" / "final" / "discriminator" / "model.safetensors")
+    assert d["score.weight"].shape == (1, 96) and "model.layers.2.mlp.up_proj.weight" in d

@@ -27,7 +27,7 @@ from gad_megatron.config import ConfigError, RunConfig, save_resolved_config
 from gad_megatron.discriminator import TextEncoder
 from gad_megatron.rollout.step import RolloutSettings
 from gad_megatron.trainer.actor import TRAINING_OVERRIDES, build_actor
-from gad_megatron.trainer.metrics import MetricsLogger, NonFiniteError, check_finite
+from gad_megatron.trainer.metrics import MetricsLogger, NonFiniteError, check_finite, estimate_mfu, peak_flops
 from gad_megatron.trainer.setup import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
@@ -130,6 +130,28 @@ def _optimizers(ctx: StepContext) -> dict[str, Any]:
     return {"generator": ctx.g.optimizer} | ({"discriminator": ctx.d.optimizer} if ctx.d is not None else {})
 
 
+def _throughput(metrics: dict[str, float], params: int, hf_config: Any, world_size: int, fp8: bool) -> dict[str, float]:
+    """Tokens per second of G's update and, on GPUs of known peak, its model FLOPs utilisation."""
+    tokens, seconds = metrics.get("tokens/g_update"), metrics.get("time/g_update")
+    if not tokens or not seconds:
+        return {}
+    out = {"tokens_per_s/g_update": tokens / seconds}
+    mfu = estimate_mfu(params, int(tokens), seconds, hf_config.num_hidden_layers, hf_config.hidden_size,
+                       int(tokens // max(metrics.get("seqs/g_update", 1), 1)), world_size, peak_flops(fp8))  # fmt: skip
+    if mfu is not None:
+        out["mfu/g_update"] = mfu
+    return out
+
+
+def _parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model: this rank's shard summed over the model-parallel group."""
+    from megatron.core import parallel_state
+
+    count = torch.tensor([sum(p.numel() for p in model.parameters())], dtype=torch.float64)
+    torch.distributed.all_reduce(count, group=parallel_state.get_model_parallel_group())
+    return int(count.item())
+
+
 def _resume(ctx: StepContext, ckpt_dir: Path, resume: str | None) -> int:
     """Load the newest complete checkpoint (or the one named); the step it finished (0: fresh)."""
     from gad_megatron.rollout.reshard import sync_weights
@@ -191,10 +213,13 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
     start = _resume(ctx, ckpt_dir, resume)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     step_fn = STEPS[stage]
+    g_params = _parameter_count(ctx.g.module)
     with MetricsLogger.open(cfg.run_dir, stage, plan.total_steps, t.report_to, launch.rank, resume_step=start + 1) as logger:
         for step in range(start + 1, plan.total_steps + 1):
             prompts = [records[i] for i in data_parallel_share(plan.prompts_of(step), dp_rank, dp_size)]
             metrics = step_fn(ctx, prompts, step)
+            metrics |= _throughput(metrics, g_params, ctx.g.lm.hf_config, launch.world_size,
+                                   _precision(cfg) == "fp8")  # fmt: skip
             check_finite(step, metrics, [k for k in WATCHED if k in metrics])
             logger.log(step, metrics)
             stop = preemption.should_stop()

@@ -118,6 +118,8 @@ def update_generator_pg(ctx: StepContext, prompts: Prompts, rollouts: Sequence[R
     out["ratio_dev_max"] = totals.get("ratio_dev_max", 0.0)
     out["policy_loss"] = out.pop("pg_loss", 0.0) + ctx.kl_beta * out.get("kl", 0.0)
     out["grad_norm_g"] = grad_norm
+    out["tokens/g_update"] = _dp_sum(sum(len(p) + len(r.token_ids) for p, r in zip(prompt_ids, rollouts)))
+    out["seqs/g_update"] = _dp_sum(len(rollouts))
     return out
 
 
@@ -129,7 +131,9 @@ def update_generator_sft(ctx: StepContext, prompts: Prompts) -> dict[str, float]
     micro = micro_batches(build_batch(prompt_ids, responses, ctx.pad_id), ctx.token_budget, ctx.pad_id)
     per_micro, grad_norm = ops.sft_update(ctx.g, micro)
     totals = _last_stage_sums(per_micro)
-    return {"sft_loss": totals.get("sft_loss", 0.0) / max(totals.get("sft_tokens", 0.0), 1.0), "grad_norm_g": grad_norm}
+    return {"sft_loss": totals.get("sft_loss", 0.0) / max(totals.get("sft_tokens", 0.0), 1.0), "grad_norm_g": grad_norm,
+            "tokens/g_update": _dp_sum(sum(len(p) + len(r) for p, r in zip(prompt_ids, responses))),
+            "seqs/g_update": _dp_sum(len(prompts))}
 
 
 def sync(ctx: StepContext) -> dict[str, float]:
@@ -186,11 +190,14 @@ def seqkd_step(ctx: StepContext, prompts: Prompts, step: int) -> dict[str, float
 STEPS = {"gad": gad_step, "warmup": warmup_step, "seqkd": seqkd_step}
 
 
-def _dp_mean(value: float) -> float:
-    group = _dp_group()
+def _dp_sum(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(tensor, group=group)
-    return float(tensor.item()) / torch.distributed.get_world_size(group)
+    torch.distributed.all_reduce(tensor, group=_dp_group())
+    return float(tensor.item())
+
+
+def _dp_mean(value: float) -> float:
+    return _dp_sum(value) / torch.distributed.get_world_size(_dp_group())
 
 
 def _last_stage_sums(per_micro: list[dict[str, torch.Tensor]]) -> dict[str, float]:
