@@ -27,6 +27,7 @@ setup(
         "megatron-core==0.16.1",
         "psutil>=5.9",  # dist_checkpointing saves
         "transformers>=5.20,<5.25",
+        "accelerate>=1.10",  # transformers needs it to load a .gguf model (the offline default)
         "datasets>=3.0",
         "sentencepiece>=0.2",
         "safetensors>=0.4",

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from gad_megatron.config import RunConfig, parse_config
 from gad_megatron.models.sources import load_tokenizer, resolve_model_path
@@ -103,26 +104,30 @@ def time_megatron(cfg: RunConfig, s: Settings) -> list[dict[str, float]]:
     return out
 
 
+class StepTimer(TrainerCallback):
+    """Wall time of each TRL optimizer step, and its per-step training logs."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.logs: list[dict[str, float]] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+        if logs and "loss" in logs:  # per-step training logs (logging_steps=1), not the run summary
+            self.logs.append(dict(logs))
+
+
 def time_trl(cfg: RunConfig, s: Settings) -> list[dict[str, float]]:
     """Per step: wall time of TRL's optimizer step, the phase times the baseline logs, mean length."""
     from datasets import Dataset
-    from transformers import TrainerCallback, set_seed
+    from transformers import set_seed
     from trl_baseline.gad import GADTrainer, _grpo_config, build_discriminator  # bench/ is sys.path[0]
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self.logs: list[dict[str, float]] = []
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.seconds.append(time.perf_counter() - self._start)
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
-            if logs and "loss" in logs:  # per-step training logs (logging_steps=1), not the run summary
-                self.logs.append(dict(logs))
 
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(s.model)
@@ -145,7 +150,8 @@ def run_variant(variant: str, s: Settings, out: Path) -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = run_config(s, run_dir)
         steps = (time_megatron if variant == "megatron" else time_trl)(cfg, s)
-    result: dict[str, Any] = {"steps": steps, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    result: dict[str, Any] = {"steps": steps, "peak_rss_gib": peak_rss_kib / 2**20}
     if torch.cuda.is_available():
         result["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     out.write_text(json.dumps(result))
@@ -210,15 +216,18 @@ def main() -> None:
     if a.steps < 2:
         ap.error("--steps must be at least 2: the first step is warm-up")
     with tempfile.TemporaryDirectory() as tmp:
-        model = random_copy(a.model, Path(tmp) / "model", a.config_override) if a.random_weights else resolve_model_path(a.model)
+        if a.random_weights:
+            model = random_copy(a.model, Path(tmp) / "model", a.config_override)
+        else:
+            model = resolve_model_path(a.model)
         s = Settings(model=model, data=str(a.data), steps=a.steps, batch_prompts=a.batch_prompts,
                      num_generations=a.num_generations, micro_batch=a.micro_batch or a.num_generations,
                      max_prompt=a.max_prompt, max_response=a.max_response)  # fmt: skip
         runs = {}
         for variant in VARIANTS:
             out = Path(tmp) / f"{variant}.json"
-            cmd = [sys.executable, __file__, "--variant", variant, "--settings", json.dumps(asdict(s)), "--out", str(out)]
-            subprocess.run(cmd, check=True)
+            subprocess.run([sys.executable, __file__, "--variant", variant, "--settings", json.dumps(asdict(s)),
+                            "--out", str(out)], check=True)  # fmt: skip
             runs[variant] = summarise(json.loads(out.read_text()))
     settings = {**vars(a), "data": str(a.data), "out": str(a.out), "micro_batch": s.micro_batch}
     for key in ("variant", "settings"):

@@ -18,13 +18,16 @@ lockstep, so no PP layout can leave a rank waiting:
    name mapping lives in :mod:`gad_megatron.models.families` only.
 
 Memory: one flat buffer, sized to the largest bucket the rank handles, is allocated once and
-reused; beside it lives the tensor being unpacked (joining TP shards copies; so does the QKV
-split, q/k/v being strided in the fused tensor: 2 x QKV, below the embedding of any LM). At
-TP = 1 a stage's own tensors are read from the parameters, without buffer. Hence peak extra
-memory <= max(bucket_bytes, largest tensor) + largest tensor. The price: **a yielded tensor is
-valid only until the next one is requested** (a view of the reused buffer or of a live
-parameter); a consumer that keeps tensors copies them, as :func:`export_hf` does. Both engines
-copy each tensor into their parameters at once.
+reused; at TP = 1 a stage's own tensors are read from the parameters, without buffer. A tensor
+is unpacked as a view where the layout allows (TP = 1; the vocabulary tensors, the largest,
+which get a bucket of their own); otherwise joining TP shards copies it, and the QKV split
+copies q/k/v (strided in the fused tensor). The consumer still holds the previous tensor
+while the next one is built, so the peak extra memory is the buffer plus two layer tensors'
+copies: within ``max(bucket_bytes, largest tensor) + largest tensor`` for LM shapes, where
+the vocabulary tensors dwarf a layer's. The price: **a yielded tensor is valid only until
+the next one is requested** (a view of the reused buffer or of a live parameter); a consumer
+that keeps tensors copies them, as :func:`export_hf` does. Both engines copy each tensor into
+their parameters at once.
 """
 
 from __future__ import annotations
@@ -124,7 +127,10 @@ def plan_buckets(lm: MegatronLM, layout: ModelLayout, bucket_bytes: int = DEFAUL
             if not layout.megatron_to_hf(name, gather([torch.empty(shape, device="meta")] * layout.tp, split)):
                 continue
             i = open_bucket.get(dtype)
-            if i is None or (buckets[i].slot_numel + math.prod(shape)) * layout.tp * dtype.itemsize > bucket_bytes:
+            if split == Split.VOCAB:  # alone, so that unpacking it is a view (the largest tensors)
+                i = len(buckets)
+                buckets.append(Bucket(stage, dtype, layout.tp, ()))
+            elif i is None or (buckets[i].slot_numel + math.prod(shape)) * layout.tp * dtype.itemsize > bucket_bytes:
                 open_bucket[dtype] = i = len(buckets)
                 buckets.append(Bucket(stage, dtype, layout.tp, ()))
             tensor = TensorPlan(name, split, shape, buckets[i].slot_numel)
@@ -157,19 +163,17 @@ def _all_gather_in_place(flat: torch.Tensor, mine: torch.Tensor, group: Any) -> 
     dist.all_reduce(flat, group=group)
 
 
-def _unpack(layout: ModelLayout, bucket: Bucket, flat: torch.Tensor | None,
-            params: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
-    """HF (name, tensor) pairs of a bucket; ``flat`` is the gathered ``[tp * slot]`` buffer, or
-    None to read this stage's parameters directly."""
-    slots = None if flat is None else flat.view(bucket.tp, bucket.slot_numel)
-    for t in bucket.tensors:
-        if slots is None:
-            shards = [params[t.name]]
-        else:
-            shards = [slots[r, t.offset : t.offset + t.numel].view(t.shape) for r in range(bucket.tp)]
-        # One shard is the full tensor: gather() would still copy it (torch.cat of one tensor).
-        full = shards[0] if bucket.tp == 1 else gather(shards, t.split)
-        yield from layout.megatron_to_hf(t.name, full)
+def _full(bucket: Bucket, t: TensorPlan, flat: torch.Tensor | None, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The full Megatron tensor ``t`` from the gathered ``flat`` [tp * slot] buffer (None: from
+    this stage's parameters), as a view wherever the layout allows."""
+    if flat is None:
+        return params[t.name]
+    slots = flat.view(bucket.tp, bucket.slot_numel)
+    if bucket.tp == 1:  # gather() of one shard would still copy it (torch.cat)
+        return slots[0, t.offset : t.offset + t.numel].view(t.shape)
+    if len(bucket.tensors) == 1 and t.split in (Split.COLUMN, Split.VOCAB):
+        return flat.view(-1, *t.shape[1:])  # split on dim 0 and alone: the slots in order are the whole
+    return gather([slots[r, t.offset : t.offset + t.numel].view(t.shape) for r in range(bucket.tp)], t.split)
 
 
 def stream_hf_weights(
@@ -221,7 +225,8 @@ def stream_hf_weights(
             if receivers(bucket):
                 _deliver(flat, owned, pipeline[bucket.stage], receivers(bucket))
         if keep:
-            yield from _unpack(layout, bucket, flat, params)
+            for t in bucket.tensors:
+                yield from layout.megatron_to_hf(t.name, _full(bucket, t, flat, params))
 
 
 # --- engine sync ------------------------------------------------------------------------------
@@ -291,6 +296,13 @@ def sync_weights(lm: MegatronLM, layout: ModelLayout | None, engine: Any | None,
     weights, stream, then wake its KV cache (vLLM), so the cache is not allocated while the
     stream's buffer is alive. ``measure_memory`` fills ``SyncStats.peak_bytes`` (CPU: the
     profiler slows the sync a little).
+
+    Stale weights: the stream reads ``lm.model``'s parameters as they are. With the distributed
+    optimizer's ``overlap_param_gather`` the updated shards reach them only in the next
+    forward's hooks: call ``ddp.start_param_sync(force_sync=True)`` first. With tied embeddings
+    at PP > 1 the schedule must all-reduce the embedding's gradients with its last-stage copy
+    (``config.finalize_model_grads_func = finalize_model_grads``, as Megatron-LM sets it), or
+    the engine, which gets the embedding, drifts from the copy the trainer's loss uses.
     """
     start = time.perf_counter()
     with _allocation_peak(measure_memory) as peak:
