@@ -86,7 +86,8 @@ class TrainConfig(_Strict):
     learning_rate: float | None = Field(None, gt=0, description="Generator lr; default 5e-6 for seqkd, 1e-6 otherwise.")
     disc_learning_rate: float = Field(1e-6, gt=0, description="Discriminator lr (paper: 1e-6).")
     batch_prompts: int = Field(256, gt=0, description="Prompts per optimizer step, all devices together (paper: 256).")
-    micro_batch_size: int = Field(8, gt=0, description="Sequences per device per forward pass.")
+    micro_batch_size: int = Field(8, gt=0, description="TRL baseline only (bench/): sequences per forward pass. "
+                                  "The Megatron stages size micro-batches by parallel.micro_batch_tokens.")
     num_generations: int = Field(8, ge=2, description="Rollouts per prompt, N (paper: 8).")
     temperature: float = Field(0.8, gt=0.0, description="Rollout sampling temperature (paper: 0.8).")
     max_response_length: int = Field(1536, gt=0, description="Paper: 1536.")
@@ -123,14 +124,6 @@ class TrainConfig(_Strict):
     logging_steps: int = Field(1, gt=0)
     trl_args: dict[str, Any] = Field(default_factory=dict, description="Passed as-is to the TRL config (advanced).")
 
-    @model_validator(mode="after")
-    def _batch_divides(self) -> "TrainConfig":
-        if self.stage != "seqkd" and self.batch_prompts * self.num_generations % self.micro_batch_size:
-            raise ValueError(
-                f"batch_prompts * num_generations ({self.batch_prompts * self.num_generations}) "
-                f"must be a multiple of micro_batch_size ({self.micro_batch_size})"
-            )
-        return self
 
 
 class GenerateConfig(_Strict):

@@ -59,12 +59,6 @@ def test_missing_required_section(tmp_path: Path) -> None:
         load_config(write_config(tmp_path, {"run_dir": "x"}))
 
 
-def test_batch_not_divisible(tmp_path: Path, base: dict) -> None:
-    base["train"] = {"batch_prompts": 3, "num_generations": 2, "micro_batch_size": 4}
-    with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
-        load_config(write_config(tmp_path, base))
-
-
 def test_parallel_section_defaults_and_checks(tmp_path: Path, base: dict) -> None:
     par = load_config(write_config(tmp_path, base)).parallel
     assert (par.tensor_parallel, par.pipeline_parallel, par.rollout_tensor_parallel) == (1, 1, 1)

@@ -44,6 +44,7 @@ def assert_sync(report: dict[str, float], models: tuple[str, ...] = ("llama", "q
         assert checks["export_overwrote"] == 0, checks
         over = {k: v for k, v in checks.items() if k.startswith("peak_over_bound_")}
         assert len(over) == 2 and all(v <= PICKLE_SLACK for v in over.values()), checks
+        assert all(v > 0 for k, v in checks.items() if k.startswith("peak_bytes_")), checks  # it does see allocations
 
 
 def test_sync_tp2_pp2_and_dp2_on_two_processes(tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ class TensorPlan:
 
 @dataclass(frozen=True)
 class Bucket:
-    """Consecutive tensors of one pipeline stage and dtype, moved by one collective."""
+    """Tensors of one pipeline stage and dtype, moved by one collective (per hop)."""
 
     stage: int
     dtype: torch.dtype

@@ -107,12 +107,12 @@ def check_model(hf_model: Any, prompts: list[list[int]], out_dir: Path, tag: str
         assert stats.peak_bytes is not None
         result[f"peak_over_bound_{bucket}"] = stats.peak_bytes - (max(bucket, largest) + largest)
         result[f"peak_bytes_{bucket}"] = stats.peak_bytes
-        result["sync_tensors"] = stats.tensors
     old_BTV = policy_logits(lm, ids_BT)
     result["logits"] = (engine_logits(engine, ids_BT) - old_BTV).abs().max().item()
 
     greedy = engine.generate(prompts, SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0.0))
-    result["greedy_mismatches"] = sum(c.token_ids != megatron_greedy(lm, p, GREEDY_TOKENS) for c, p in zip(greedy, prompts))
+    reference = [megatron_greedy(lm, p, GREEDY_TOKENS) for p in prompts]
+    result["greedy_mismatches"] = sum(c.token_ids != r for c, r in zip(greedy, reference))
 
     train_step(lm, ddp, optimizer, ids_BT)
     new_BTV = policy_logits(lm, ids_BT)
