@@ -197,7 +197,9 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
     if resume is not None and (final / COMPLETE_MARKER).is_file():
         log.info("%s already finished: %s (delete it to train again)", stage, final)
         return final
-    check_precision_supported(cfg.parallel.precision, cfg.parallel.fp8_recipe)
+    # fp8 is refused wherever CUDA/TE is missing (a GPU config is checked the same everywhere);
+    # bf16 on a CPU is not checked: CPU runs compute in fp32.
+    check_precision_supported("fp8" if cfg.parallel.precision == "fp8" else _precision(cfg), cfg.parallel.fp8_recipe)
     preemption.install()  # before the models load, which takes the longest
     launch = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.seed)
     ctx, plan, records, tokenizer = build_context(cfg, stage)
