@@ -105,7 +105,8 @@ def update_discriminator(ctx: StepContext, micro: list, teacher_P: torch.Tensor,
 def update_generator_pg(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout],
                         advantages_PN: torch.Tensor) -> dict[str, float]:  # fmt: skip
     """Clipped policy gradient on the sampled tokens, KL to the reference, TIS when configured."""
-    prompt_ids = [ctx.encoder.prompt_ids(prompts[r.prompt_index]["prompt"]) for r in rollouts]
+    per_prompt = [ctx.encoder.prompt_ids(p["prompt"]) for p in prompts]  # once per prompt, not per rollout
+    prompt_ids = [per_prompt[r.prompt_index] for r in rollouts]
     batch = build_batch(prompt_ids, [list(r.token_ids) for r in rollouts], ctx.pad_id,
                         advantages=advantages_PN.reshape(-1).tolist(), engine_logprobs=[list(r.logprobs) for r in rollouts])  # fmt: skip
     micro = micro_batches(batch, ctx.token_budget, ctx.pad_id)
@@ -196,6 +197,12 @@ def _dp_sum(value: float) -> float:
     return float(tensor.item())
 
 
+def _dp_max(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=_dp_group())
+    return float(tensor.item())
+
+
 def _dp_mean(value: float) -> float:
     return _dp_sum(value) / torch.distributed.get_world_size(_dp_group())
 
@@ -225,5 +232,5 @@ def _pair_metrics(teacher_P: torch.Tensor, student_PN: torch.Tensor, advantages_
 
 def _rollout_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
     m = rollout_metrics(rollouts)
-    return {"len_mean": _dp_mean(m["rollout/length_mean"]), "len_max": m["rollout/length_max"],
+    return {"len_mean": _dp_mean(m["rollout/length_mean"]), "len_max": _dp_max(m["rollout/length_max"]),
             "truncated_frac": _dp_mean(m["rollout/truncated"])}  # fmt: skip
