@@ -365,6 +365,10 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, pp: int = 1, dtype: 
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         attention_softmax_in_fp32=True,
+        # Micro-batches have their own [rows, width] (trainer.batching): stages exchange shapes.
+        variable_seq_lengths=pp > 1,
+        # No MoE here; megatron-core refuses variable_seq_lengths with its default "allgather" MoE dispatcher.
+        moe_token_dispatcher_type="alltoall",
         # Without CUDA, parameters are created (and initialised) on the CPU directly.
         use_cpu_initialization=not torch.cuda.is_available(),
     )

@@ -5,9 +5,12 @@ every per-token tensor is aligned to targets: ``loss_mask_BT[b, t]`` is 1 when t
 a response token (the end-of-turn included, the prompt never). Rows are right-padded with the
 pad id and a 0 mask; megatron-core's causal attention then needs no padding mask.
 
-All micro-batches of one call have the same [rows, T] shape (T = the longest sequence of the
-call, rows = token budget // T, the last micro-batch padded with empty rows): the pipeline
-schedule sends activations of one fixed shape between stages.
+Micro-batches are dynamically sized: rows sorted longest first, each micro-batch as wide as
+its longest row and holding as many rows as fit the token budget. Padding is then only the
+length spread inside a micro-batch (a GAD batch mixes prompts of 20 to 250 tokens and teacher
+answers longer than any rollout: one width for all rows padded 40-75% of the tokens).
+Shapes differ between micro-batches, so pipeline stages exchange them first
+(``variable_seq_lengths``, set by :func:`gad_megatron.models.families.transformer_config_from_hf`).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ class TokenBatch:
     input_ids_BT: torch.Tensor  # long
     target_ids_BT: torch.Tensor  # long: input shifted left by one, pad at the end
     loss_mask_BT: torch.Tensor  # float: 1 where the target is a response token
+    lengths_B: torch.Tensor  # long: real tokens of each row (prompt + response)
     advantages_BT: torch.Tensor | None = None  # float: the row's advantage on its response tokens
     engine_logprobs_BT: torch.Tensor | None = None  # float: the rollout engine's log-prob of each target
-    row_ids_B: torch.Tensor | None = None  # long: each row's index in the caller's list (-1: filler)
+    row_ids_B: torch.Tensor | None = None  # long: each row's index in the caller's list
 
     @property
     def num_tokens(self) -> int:
@@ -41,8 +45,12 @@ class ScoreBatch:
 
     input_ids_BT: torch.Tensor  # long
     last_B: torch.Tensor  # long: index of the last real token
-    weight_B: torch.Tensor  # float: dLoss/dscore of the row (0 for filler rows)
-    row_ids_B: torch.Tensor  # long: each row's index in the caller's list (-1: filler)
+    weight_B: torch.Tensor  # float: dLoss/dscore of the row
+    row_ids_B: torch.Tensor  # long: each row's index in the caller's list
+
+    @property
+    def lengths_B(self) -> torch.Tensor:
+        return self.last_B + 1
 
 
 def build_score_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> ScoreBatch:
@@ -89,30 +97,32 @@ def build_batch(
             adv[i, span] = float(advantages[i])  # type: ignore[index]
         if engine is not None:
             engine[i, span] = torch.tensor(engine_logprobs[i], dtype=torch.float32)  # type: ignore[index]
-    return TokenBatch(input_ids, target_ids, mask, adv, engine, torch.arange(rows))
+    lengths = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])
+    return TokenBatch(input_ids, target_ids, mask, lengths, adv, engine, torch.arange(rows))
 
 
-def micro_batches(batch: Batch, token_budget: int, pad_id: int) -> list[Batch]:
-    """Split ``batch`` into micro-batches of ``max(1, token_budget // T)`` rows of the same shape.
+def micro_batches(batch: Batch, token_budget: int) -> list[Batch]:
+    """Split ``batch`` into micro-batches of at most ``token_budget`` tokens (one row at least).
 
-    Filler rows (all padding, zero mask and weight, ``row_ids_B`` -1) complete the last
-    micro-batch; they add nothing to any loss.
+    Rows go longest first; a micro-batch is cut to the width of its first (longest) row and
+    takes ``max(1, token_budget // width)`` rows. ``row_ids_B`` keeps each row's place in
+    ``batch``.
     """
-    rows, width = batch.input_ids_BT.shape
-    per_micro = max(1, min(rows, token_budget // width))
-    filler = (-rows) % per_micro
-    if filler:
-        batch = replace(batch, **{
-            f.name: torch.cat([value, torch.full((filler, *value.shape[1:]), _fill_value(f.name, pad_id),
-                                                 dtype=value.dtype)])
-            for f in fields(batch) if (value := getattr(batch, f.name)) is not None
-        })  # fmt: skip
-    return [_take_rows(batch, slice(s, s + per_micro)) for s in range(0, rows + filler, per_micro)]
+    lengths = batch.lengths_B
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out: list[Batch] = []
+    start = 0
+    while start < len(order):
+        width = int(lengths[order[start]])
+        index = order[start : start + max(1, token_budget // width)]
+        out.append(_take_rows(batch, index, width))
+        start += len(index)
+    return out
 
 
-def _fill_value(name: str, pad_id: int) -> int:
-    return pad_id if name.endswith("ids_BT") else -1 if name == "row_ids_B" else 0
-
-
-def _take_rows(batch: Batch, index: slice) -> Batch:
-    return replace(batch, **{f.name: v[index] for f in fields(batch) if (v := getattr(batch, f.name)) is not None})
+def _take_rows(batch: Batch, index: torch.Tensor, width: int) -> Batch:
+    """Rows ``index`` of ``batch``, per-token tensors cut to ``width`` columns."""
+    return replace(batch, **{
+        f.name: value[index][:, :width] if f.name.endswith("_BT") else value[index]
+        for f in fields(batch) if (value := getattr(batch, f.name)) is not None
+    })  # fmt: skip

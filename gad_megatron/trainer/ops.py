@@ -115,8 +115,7 @@ def score(lm: MegatronLM, micro: Sequence[ScoreBatch], total_rows: int) -> torch
     scores = torch.zeros(total_rows, dtype=torch.float32)
 
     def keep(out: torch.Tensor, batch: ScoreBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        real = batch.row_ids_B >= 0
-        scores[batch.row_ids_B[real]] = out.detach().float().cpu()[real]
+        scores[batch.row_ids_B] = out.detach().float().cpu()
         return out.new_zeros(()), torch.zeros((), dtype=torch.int), {}
 
     run_micro_batches(lm.model, micro, _score_forward, keep, train=False)
@@ -144,9 +143,7 @@ def disc_update(actor: Actor, micro: Sequence[ScoreBatch], teacher_P: torch.Tens
 
     def loss(out: torch.Tensor, batch: ScoreBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
         nonlocal first
-        real = batch.row_ids_B >= 0
-        w = torch.zeros(len(batch.row_ids_B))
-        w[real] = weights[batch.row_ids_B[real]]
+        w = weights[batch.row_ids_B]
         count = torch.tensor(pairs if first else 0, dtype=torch.int)  # the pairs, counted once per rank
         first = False
         return (out.float() * w.to(out.device)).sum(), count, {}

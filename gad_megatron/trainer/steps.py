@@ -91,7 +91,7 @@ def score_pairs(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout])
     assert ctx.d_lm is not None
     teacher = [ctx.encoder.encode(p["prompt"], p["teacher_response"]) for p in prompts]
     batch = build_score_batch(teacher + [list(r.d_input_ids) for r in rollouts], ctx.pad_id)
-    micro = micro_batches(batch, ctx.token_budget, ctx.pad_id)
+    micro = micro_batches(batch, ctx.token_budget)
     scores = ops.score(ctx.d_lm, micro, len(teacher) + len(rollouts))
     return scores[: len(teacher)], scores[len(teacher) :].view(len(teacher), ctx.rollout.n), micro
 
@@ -109,7 +109,7 @@ def update_generator_pg(ctx: StepContext, prompts: Prompts, rollouts: Sequence[R
     prompt_ids = [per_prompt[r.prompt_index] for r in rollouts]
     batch = build_batch(prompt_ids, [list(r.token_ids) for r in rollouts], ctx.pad_id,
                         advantages=advantages_PN.reshape(-1).tolist(), engine_logprobs=[list(r.logprobs) for r in rollouts])  # fmt: skip
-    micro = micro_batches(batch, ctx.token_budget, ctx.pad_id)
+    micro = micro_batches(batch, ctx.token_budget)
     refs = ops.policy_logprobs(ctx.ref, micro, ctx.rollout.temperature) if ctx.ref is not None and ctx.kl_beta else None
     per_micro, grad_norm = ops.policy_gradient_update(ctx.g, micro, refs, ctx.rollout.temperature, ctx.clip,
                                                       ctx.kl_beta, ctx.tis_cap)  # fmt: skip
@@ -129,7 +129,7 @@ def update_generator_sft(ctx: StepContext, prompts: Prompts) -> dict[str, float]
     prompt_ids = [ctx.encoder.prompt_ids(p["prompt"]) for p in prompts]
     eot = ctx.encoder.end_of_turn_ids()
     responses = [ctx.encoder.response_ids(p["teacher_response"], eot) for p in prompts]
-    micro = micro_batches(build_batch(prompt_ids, responses, ctx.pad_id), ctx.token_budget, ctx.pad_id)
+    micro = micro_batches(build_batch(prompt_ids, responses, ctx.pad_id), ctx.token_budget)
     per_micro, grad_norm = ops.sft_update(ctx.g, micro)
     totals = _last_stage_sums(per_micro)
     return {"sft_loss": totals.get("sft_loss", 0.0) / max(totals.get("sft_tokens", 0.0), 1.0), "grad_norm_g": grad_norm,
