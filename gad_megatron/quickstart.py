@@ -1,6 +1,6 @@
 """``gad quickstart``: distil a teacher into a student end to end, offline, on a laptop CPU.
 
-    gad quickstart                      # ~20 minutes on 2 CPU cores
+    gad quickstart                      # ~28 minutes on 2 CPU cores (fp32; see docs/results.md)
     gad quickstart --tiny               # a smoke test: few prompts, few steps
 
 Teacher: SmolLM2-135M-Instruct served by llama.cpp on 127.0.0.1, plus a hidden few-shot
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Budget:
-    """How much work each stage gets. ``FULL`` fits the 20-minute promise on 2 cores."""
+    """How much work each stage gets. ``FULL``: 28 minutes on 2 idle AVX2 cores (goal: 20)."""
 
     n_train: int
     n_test: int
