@@ -189,7 +189,8 @@ class ParallelConfig(_Strict):
     )
     micro_batch_tokens: int = Field(
         12288, gt=0, description="Token budget per GPU per micro-batch, padding included: rows are sorted by length "
-        "and each micro-batch takes as many as fit (rows x its longest row <= budget); bounds activation memory. The authors' verl run: ppo_max_token_len_per_gpu=12288.",
+        "and each micro-batch takes as many as fit (rows x its longest row <= budget); bounds activation "
+        "memory. The authors' verl run: ppo_max_token_len_per_gpu=12288.",
     )
     precision: Literal["fp32", "bf16", "fp8"] = Field(
         "bf16", description="Training compute/weight precision on GPUs: bf16 (the paper's); fp8 uses Transformer "

@@ -41,11 +41,10 @@ class TokenBatch:
 
 @dataclass
 class ScoreBatch:
-    """Right-padded sequences for D: each row's last real position and its weight in the loss."""
+    """Right-padded sequences for D and each row's last real position."""
 
     input_ids_BT: torch.Tensor  # long
     last_B: torch.Tensor  # long: index of the last real token
-    weight_B: torch.Tensor  # float: dLoss/dscore of the row
     row_ids_B: torch.Tensor  # long: each row's index in the caller's list
 
     @property
@@ -54,14 +53,14 @@ class ScoreBatch:
 
 
 def build_score_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> ScoreBatch:
-    """Right-padded rows; weights start at 0 (set them from the loss's gradient to update D)."""
+    """Right-padded rows, numbered in the order given."""
     lengths = torch.tensor([len(s) for s in sequences])
     if not len(sequences) or bool((lengths == 0).any()):
         raise ValueError("need at least one sequence and no empty one")
     ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
     for i, seq in enumerate(sequences):
         ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return ScoreBatch(ids, lengths - 1, torch.zeros(len(sequences)), torch.arange(len(sequences)))
+    return ScoreBatch(ids, lengths - 1, torch.arange(len(sequences)))
 
 
 Batch = TypeVar("Batch", TokenBatch, ScoreBatch)
@@ -79,8 +78,8 @@ def build_batch(
     response tokens."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need as many prompts as responses (> 0), got {len(prompts)} and {len(responses)}")
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    rows = len(prompts)
+    lengths = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])
+    width, rows = int(lengths.max()), len(prompts)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     target_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     mask = torch.zeros(rows, width)
@@ -97,7 +96,6 @@ def build_batch(
             adv[i, span] = float(advantages[i])  # type: ignore[index]
         if engine is not None:
             engine[i, span] = torch.tensor(engine_logprobs[i], dtype=torch.float32)  # type: ignore[index]
-    lengths = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])
     return TokenBatch(input_ids, target_ids, mask, lengths, adv, engine, torch.arange(rows))
 
 
