@@ -1,15 +1,17 @@
-"""Context distillation study: base vs SeqKD vs GAD vs GAD with a frozen D, over seeds.
+"""Context distillation study: base vs SeqKD vs GAD (vs GAD with a frozen D), over seeds.
 
-    .venv/bin/python bench/context_distillation.py                     # 2 seeds, ~40 min on 2 CPU cores
-    .venv/bin/python bench/context_distillation.py --seeds 0 1 2 --gad-steps 30
+    .venv/bin/python bench/context_distillation.py --no-frozen        # the recipe below, 2 seeds
+    .venv/bin/python bench/context_distillation.py --seeds 0 1 2 --gad-steps 40
 
 Teacher: SmolLM2-135M (llama.cpp, 127.0.0.1) + the quickstart's hidden few-shot style.
 Train prompts: Self-Instruct seed tasks (175) + MT-Bench first turns (80); held out: Vicuna (80),
-all read from ../shared/data at run time. Per seed: SeqKD, warmup, GAD, and the off-policy
-ablation (GAD from the same warmup checkpoint with D frozen). Then greedy generation on the
-held-out prompts, `gad eval` metrics plus the style rate, and a summary over seeds (mean, std)
-written to ``<out>/summary.json`` and ``<out>/summary.md``, and the response-length curves of
-GAD vs frozen D to ``<out>/length_curves.png``.
+all read from ../shared/data at run time. Per seed: SeqKD; a D-only warmup from the SeqKD model
+that ends once D's pair accuracy is high (``--warmup-until-d-acc``, capped by
+``--warmup-steps``); GAD at a low generator lr (``--gad-lr``) for more steps, N rollouts per
+prompt; with ``--frozen`` also the off-policy ablation (GAD from the same warmup with D frozen).
+Then greedy generation on the held-out prompts, `gad eval` metrics plus the style rate, and a
+summary over seeds (mean, std) written to ``<out>/summary.json`` and ``<out>/summary.md``, and
+the response-length and reward curves of GAD (and frozen D) to ``<out>/length_curves.png``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from gad_megatron.config import DEFAULT_STUDENT
+from gad_megatron.config import DEFAULT_STUDENT, TeacherConfig
 from gad_megatron.data import read_jsonl
 from gad_megatron.evaluation.evaluate import evaluate_run
 from gad_megatron.evaluation.generate import run_generate
-from gad_megatron.quickstart import FULL, add_style_rates, build_config, collect_teacher, train_all, train_once
+from gad_megatron.quickstart import FULL, Budget, add_style_rates, build_config, collect_teacher, train_once
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METRICS = {
@@ -43,7 +45,7 @@ def prompts(name: str) -> list[dict]:
     return [{"id": r["id"], "prompt": r["prompt"]} for r in read_jsonl(DATA / name)]
 
 
-def run_seed(root: Path, seed: int, budget, teacher) -> dict:  # noqa: ANN001
+def run_seed(root: Path, seed: int, budget: Budget, teacher: TeacherConfig, recipe: argparse.Namespace) -> dict:
     run = root / f"seed{seed}"
     (run / "data").mkdir(parents=True, exist_ok=True)
     for name in ("train.jsonl", "test.jsonl"):
@@ -51,11 +53,16 @@ def run_seed(root: Path, seed: int, budget, teacher) -> dict:  # noqa: ANN001
     cfg = build_config(run, budget, teacher, seed=seed)
     # log-likelihoods under the teacher carry its ~330-token context: 40 prompts keep eval to minutes
     cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"loglik_max_examples": 40})})
-    finals = train_all(cfg, budget, fresh=False)
-    seqkd, warm, gad = finals["seqkd"], finals["warmup"], finals["gad"]
-    frozen_cfg = cfg.model_copy(update={"run_dir": str(run / "frozen")})
-    frozen = train_once(frozen_cfg, "gad", budget.gad_steps, init_from=str(warm), freeze_discriminator=True)
-    for spec in (DEFAULT_STUDENT, str(seqkd), str(gad), str(frozen)):
+    seqkd = train_once(cfg, "seqkd", budget.seqkd_steps, batch_prompts=recipe.seqkd_batch_prompts)
+    warm = train_once(cfg, "warmup", budget.warmup_steps, init_from=str(seqkd), disc_only_steps=budget.warmup_steps,
+                      warmup_until_d_acc=recipe.warmup_until_d_acc)  # fmt: skip
+    gad = train_once(cfg, "gad", budget.gad_steps, learning_rate=recipe.gad_lr)
+    models = [DEFAULT_STUDENT, str(seqkd), str(gad)]
+    if recipe.frozen:
+        frozen_cfg = cfg.model_copy(update={"run_dir": str(run / "frozen")})
+        models.append(str(train_once(frozen_cfg, "gad", budget.gad_steps, init_from=str(warm),
+                                     freeze_discriminator=True, learning_rate=recipe.gad_lr)))  # fmt: skip
+    for spec in models:
         run_generate(cfg, model=spec)
     evaluate_run(cfg)
     add_style_rates(cfg)
@@ -85,17 +92,17 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_lengths(root: Path, seeds: list[int]) -> Path:
+def plot_lengths(root: Path, seeds: list[int], frozen: bool) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    runs = [("GAD", Path("gad"), "-")] + ([("frozen D", Path("frozen") / "gad", "--")] if frozen else [])
     for seed in seeds:
-        for label, path, style in (("GAD", root / f"seed{seed}" / "gad", "-"),
-                                   ("frozen D", root / f"seed{seed}" / "frozen" / "gad", "--")):
-            rows = [r for r in read_jsonl(path / "metrics.jsonl") if "len_mean" in r]
+        for label, path, style in runs:
+            rows = [r for r in read_jsonl(root / f"seed{seed}" / path / "metrics.jsonl") if "len_mean" in r]
             axes[0].plot([r["step"] for r in rows], [r["len_mean"] for r in rows], style, label=f"{label} seed {seed}")
             axes[1].plot([r["step"] for r in rows], [r.get("reward_mean") for r in rows], style, label=f"{label} seed {seed}")
     axes[0].set(title="rollout length (tokens)", xlabel="GAD step")
@@ -114,22 +121,31 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/context_distillation")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--warmup-steps", type=int, default=6)
-    ap.add_argument("--gad-steps", type=int, default=12)
+    ap.add_argument("--warmup-steps", type=int, default=20, help="cap on the D-only warmup")
+    ap.add_argument("--warmup-until-d-acc", type=float, default=0.9,
+                    help="end the warmup once D's pair accuracy (mean of 3 steps) reaches this")
+    ap.add_argument("--gad-steps", type=int, default=30)
+    ap.add_argument("--gad-lr", type=float, default=3e-6, help="the generator's lr in GAD")
+    ap.add_argument("--batch-prompts", type=int, default=2, help="prompts per GAD / warmup step")
+    ap.add_argument("--num-generations", type=int, default=8, help="rollouts per prompt (N)")
     ap.add_argument("--seqkd-steps", type=int, default=60)
+    ap.add_argument("--seqkd-batch-prompts", type=int, default=8)
+    ap.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=True,
+                    help="also train the frozen-D ablation (doubles GAD's time)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.monotonic()
     root = Path(a.out).resolve()
-    budget = replace(FULL, seqkd_steps=a.seqkd_steps, warmup_steps=a.warmup_steps, gad_steps=a.gad_steps)
+    budget = replace(FULL, seqkd_steps=a.seqkd_steps, warmup_steps=a.warmup_steps, gad_steps=a.gad_steps,
+                     batch_prompts=a.batch_prompts, num_generations=a.num_generations)
     train = prompts("seed_tasks175.jsonl") + prompts("mtbench80_turn1.jsonl")
     teacher = collect_teacher(root, budget, train, prompts("vicuna80.jsonl"))
-    results = [run_seed(root, seed, budget, teacher) for seed in a.seeds]
+    results = [run_seed(root, seed, budget, teacher, a) for seed in a.seeds]
     summary = summarize(results)
     (root / "summary.json").write_text(json.dumps({"settings": vars(a), "budget": budget.__dict__, "summary": summary,
                                                    "minutes": (time.monotonic() - start) / 60}, indent=1))
     (root / "summary.md").write_text(markdown(summary))
-    plot_lengths(root, a.seeds)
+    plot_lengths(root, a.seeds, a.frozen)
     print(markdown(summary))
     print(f"done in {(time.monotonic() - start) / 60:.1f} min: {root / 'summary.md'}")
 

@@ -1,6 +1,6 @@
 """Seconds per GAD step, split by phase: the Megatron trainer beside the TRL baseline, same work.
 
-    .venv/bin/python bench/step_time.py                        # SmolLM2-135M on CPU, ~10 minutes
+    .venv/bin/python bench/step_time.py                        # SmolLM2-135M on CPU, ~12 minutes
     .venv/bin/python bench/step_time.py --random-weights       # no real weights: same architecture, random
     python bench/step_time.py --random-weights --steps 4 --batch-prompts 16 --num-generations 8 --max-response 256   (GPU)
     python bench/step_time.py --random-weights --config-override '{"num_hidden_layers": 24}'
@@ -11,8 +11,11 @@ the same prompts (Self-Instruct seed tasks from ../shared/data, their human refe
 teacher text) in the same order, ``batch_prompts`` x ``num_generations`` rollouts of at most
 ``max_response`` tokens, fp32 on a CPU and bf16 on a GPU. (a) ``megatron``:
 :func:`gad_megatron.trainer.steps.gad_step` on the context of
-:func:`gad_megatron.trainer.run.build_context`; (b) ``trl``: ``bench/trl_baseline``'s
-``GADTrainer`` with its default bounded-memory D update. Each variant runs in a fresh
+:func:`gad_megatron.trainer.run.build_context` (D in one pass when each prompt's teacher answer
+and rollouts fit one micro-batch, as here); (b) ``trl``: ``bench/trl_baseline``'s
+``GADTrainer`` with its default bounded-memory D update (two D forwards); (c)
+``trl_single_pass``: the same with ``train.disc_single_pass`` (one D forward, the whole step's
+graph in memory). Each variant runs in a fresh
 subprocess: megatron-core initialises torch.distributed for the whole process, and a process's
 peak memory (RSS on a CPU) is only per variant that way. The first step is warm-up, excluded
 from the medians. ``--random-weights`` saves a randomly initialised model of the same
@@ -46,7 +49,7 @@ from gad_megatron.trainer.setup import training_records
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "seed_tasks175.jsonl"
 OUT = Path(__file__).resolve().parent / "results" / "step_time_megatron_vs_trl.json"
-VARIANTS = ("megatron", "trl")
+VARIANTS = ("megatron", "trl", "trl_single_pass")
 PHASES = ("rollout", "scoring", "d_update", "g_update", "sync")
 
 
@@ -149,6 +152,8 @@ def run_variant(variant: str, s: Settings, out: Path) -> None:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = run_config(s, run_dir)
+        if variant == "trl_single_pass":
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"disc_single_pass": True})})
         steps = (time_megatron if variant == "megatron" else time_trl)(cfg, s)
     peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     result: dict[str, Any] = {"steps": steps, "peak_rss_gib": peak_rss_kib / 2**20}
@@ -239,13 +244,15 @@ def main() -> None:
         "settings": settings,
         "runs": runs,
         "ratio_megatron_to_trl": runs["megatron"]["step_s"] / runs["trl"]["step_s"],
+        "ratio_megatron_to_trl_single_pass": runs["megatron"]["step_s"] / runs["trl_single_pass"]["step_s"],
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2) + "\n")
     for variant, r in runs.items():
         phases = ", ".join(f"{p} {v:.2f}" for p, v in r["phases_s"].items() if v is not None)
         print(f"{variant}: {r['step_s']:.2f} s/step ({phases})")
-    print(f"Megatron / TRL: {result['ratio_megatron_to_trl']:.2f} -> {a.out}")
+    print(f"Megatron / TRL: {result['ratio_megatron_to_trl']:.2f}, Megatron / TRL single pass: "
+          f"{result['ratio_megatron_to_trl_single_pass']:.2f} -> {a.out}")
 
 
 if __name__ == "__main__":

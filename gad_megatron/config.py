@@ -104,11 +104,15 @@ class TrainConfig(_Strict):
     epsilon: float = Field(0.2, gt=0.0, description="PPO-style clip (paper: 0.2).")
     disc_loss: Literal["bt", "ce"] = Field("bt", description="Bradley-Terry (paper) or cross-entropy GAN loss (ablation).")
     disc_single_pass: bool = Field(
-        False, description="Keep the autograd graph of D's scoring pass for its update: one D forward per sequence "
-        "instead of two, but memory for every sequence of the step. Off: D's update re-runs one micro-batch at a "
-        "time (same gradient, bounded memory; needed at the paper's scale). On for small models.",
+        False, description="TRL baseline only (bench/): keep the graph of D's scoring pass for its update. The "
+        "Megatron stages use one D pass whenever a prompt's teacher answer and rollouts fit one micro-batch.",
     )
     disc_only_steps: int = Field(10, ge=0, description="Warmup steps that update D alone (paper: 10).")
+    warmup_until_d_acc: float | None = Field(
+        None, gt=0.0, le=1.0, description="Warmup ends early once D's pair accuracy, averaged over the last "
+        "3 steps, reaches this (max_steps and the epochs still cap it): GAD then starts from a D that tells "
+        "the teacher from the student. Default: off (the paper warms up for a fixed epoch).",
+    )
     freeze_discriminator: bool = Field(False, description="Off-policy ablation: D is not updated during gad.")
     tis_cap: float | None = Field(
         None, gt=0, description="Token-level truncated importance sampling against the rollout engine's log-probs: "

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from gad_megatron.trainer.batching import build_batch, build_score_batch, micro_batches
+from gad_megatron.trainer.batching import build_batch, build_score_batch, group_micro_batches, micro_batches
 
 PAD = 0
 
@@ -26,6 +26,7 @@ def test_build_batch_aligns_targets_mask_and_advantages() -> None:
     assert batch.target_ids_BT.tolist() == [[6, 8, 9, 10, 0], [11, 0, 0, 0, 0]]
     assert batch.loss_mask_BT.tolist() == [[0, 1, 1, 1, 0], [1, 0, 0, 0, 0]]
     assert batch.lengths_B.tolist() == [5, 2]
+    assert batch.response_start_B.tolist() == [1, 0]
     assert batch.advantages_BT.tolist() == [[0, 0.5, 0.5, 0.5, 0], [-1.0, 0, 0, 0, 0]]
     assert torch.allclose(batch.engine_logprobs_BT[0, 1:4], torch.tensor([-0.1, -0.2, -0.3]))
 
@@ -70,3 +71,34 @@ def test_score_micro_batches_keep_last_index_and_row_ids() -> None:
         for j, row in enumerate(m.row_ids_B.tolist()):
             assert int(m.last_B[j]) == len(seqs[row]) - 1
             assert int(m.input_ids_BT[j, m.last_B[j]]) == seqs[row][0]
+
+
+@pytest.mark.parametrize("budget", [64, 10_000])
+def test_response_window_holds_every_masked_target(budget: int) -> None:
+    """The output layer sees only the response window: per-token sums there equal the full rows'."""
+    prompts, responses = _random_rows(17, seed=budget)
+    batch = build_batch(prompts, responses, PAD, advantages=[float(i) for i in range(17)],
+                        engine_logprobs=[[-0.01 * j for j in range(len(r))] for r in responses])  # fmt: skip
+    for m in micro_batches(batch, budget):
+        window_BR = m.response_window_BR()
+        assert window_BR.shape[1] == int((m.lengths_B - m.response_start_B - 1).max())
+        inside = m.in_window(window_BR)
+        for name in ("loss_mask_BT", "advantages_BT", "engine_logprobs_BT"):
+            assert float(getattr(inside, name).sum()) == pytest.approx(float(getattr(m, name).sum())), name
+        # every target in the window is the row's response, in order
+        for j, response in enumerate(responses[r] for r in m.row_ids_B.tolist()):
+            assert inside.target_ids_BT[j, : len(response)].tolist() == response
+            assert inside.loss_mask_BT[j].sum() == len(response)
+
+
+def test_group_micro_batches_keep_each_group_whole_and_in_order() -> None:
+    """A teacher row and its rollouts stay together (teacher first), so D's pair loss is local."""
+    teachers = [[1] * 30, [2] * 8, [3] * 15]
+    rollouts = [[10 + p] * (4 + i) for p in range(3) for i in range(2)]
+    batch = build_score_batch(teachers + rollouts, PAD)
+    groups_GK = torch.tensor([[0, 3, 4], [1, 5, 6], [2, 7, 8]])
+    micro = group_micro_batches(batch, groups_GK, 100)
+    assert [m.row_ids_B.tolist() for m in micro] == [[0, 3, 4], [2, 7, 8, 1, 5, 6]]
+    assert [m.input_ids_BT.shape for m in micro] == [(3, 30), (6, 15)]
+    assert all(m.input_ids_BT.numel() <= 100 for m in micro)
+    assert group_micro_batches(batch, groups_GK, 89) is None, "the 30-token group needs 90 tokens"

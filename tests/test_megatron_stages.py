@@ -19,8 +19,8 @@ from tests.helpers.torchrun import ENV, ROOT, free_port
 GAD_METRICS = {
     "d_loss", "d_acc", "teacher_score", "student_score", "reward_mean", "reward_std", "adv_std", "kl",
     "policy_loss", "clip_frac", "entropy", "grad_norm_g", "grad_norm_d", "len_mean", "len_max", "truncated_frac",
-    "time/rollout", "time/scoring", "time/d_update", "time/g_update", "time/sync", "time/step",
-}
+    "time/rollout", "time/d_update", "time/g_update", "time/sync", "time/step",
+}  # no time/scoring: a prompt's teacher answer and rollouts fit one micro-batch, D scores and learns in one pass
 
 
 def gad(config: Path, stage: str, *sets: str, nproc: int = 1, resume: bool = False) -> subprocess.CompletedProcess:
@@ -92,9 +92,24 @@ def test_frozen_discriminator_and_ce_loss(chained: dict, tmp_path: Path) -> None
     before = load_file(warm_final / "discriminator" / "model.safetensors")
     after = load_file(tmp_path / "frozen" / "gad" / "final" / "discriminator" / "model.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert all("grad_norm_d" not in r for r in metrics(tmp_path / "frozen" / "gad"))
+    assert all("grad_norm_d" not in r and r["time/scoring"] > 0 for r in metrics(tmp_path / "frozen" / "gad"))
     ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'ce'}", "train.disc_loss=ce", "train.max_steps=1"))
     assert metrics(tmp_path / "ce" / "warmup")[0]["d_loss"] > 0
+
+
+def test_warmup_stops_once_d_is_accurate(chained: dict, tmp_path: Path) -> None:
+    """``warmup_until_d_acc``: the stage ends at the first step whose last-3-step mean pair accuracy
+    reaches the target, and still exports final/ (GAD starts from it)."""
+    from gad_megatron.trainer.run import d_accuracy_reached
+
+    assert not d_accuracy_reached([1.0, 1.0], 0.5) and not d_accuracy_reached([0.9] * 5, None)
+    assert d_accuracy_reached([0.0, 0.8, 0.9, 1.0], 0.9) and not d_accuracy_reached([1.0, 0.8, 0.9, 0.9], 0.9)
+    target = 0.05  # a random D already ranks some pairs right: the early stop fires at step 3
+    ok(gad(chained["config"], "warmup", f"run_dir={tmp_path}", "train.max_steps=6", f"train.warmup_until_d_acc={target}"))
+    rows = metrics(tmp_path / "warmup")
+    accuracy = [r["d_acc"] for r in rows]
+    assert len(rows) == 3 and sum(accuracy) / 3 >= target, accuracy
+    assert (tmp_path / "warmup" / "final" / "COMPLETE").is_file()
 
 
 def test_seqkd_stage(chained: dict, tmp_path: Path) -> None:
@@ -121,14 +136,19 @@ def _losses(stage_dir: Path) -> list[float]:
 
 
 def test_two_processes_tp2_and_pp2_match_one_process(chained: dict, tmp_path: Path) -> None:
-    """The same global batch on 1 process, TP=2 and PP=2: the same D and G losses step by step."""
+    """The same global batch on 1 process, TP=2 and PP=2: the same D and G losses step by step.
+    Also D in two passes (a budget too small for a teacher answer and its rollouts together)
+    against one pass: the same losses."""
     sets = ["train.max_steps=2", "train.save_steps=100"]
     ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'one'}", *sets))
     ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'tp2'}", "parallel.tensor_parallel=2", *sets, nproc=2))
     ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'pp2'}", "parallel.pipeline_parallel=2", *sets, nproc=2))
+    ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'two_pass'}", "parallel.micro_batch_tokens=140", *sets))
     one = _losses(tmp_path / "one" / "warmup")
-    for layout in ("tp2", "pp2"):
+    for layout in ("tp2", "pp2", "two_pass"):
         assert _losses(tmp_path / layout / "warmup") == pytest.approx(one, abs=2e-5), layout
+    assert all("time/scoring" not in r for r in metrics(tmp_path / "one" / "warmup"))
+    assert all(r["time/scoring"] > 0 for r in metrics(tmp_path / "two_pass" / "warmup"))
 
 
 def test_resume_equals_an_uninterrupted_run_and_reshards(chained: dict, tmp_path: Path) -> None:

@@ -11,6 +11,11 @@ length spread inside a micro-batch (a GAD batch mixes prompts of 20 to 250 token
 answers longer than any rollout: one width for all rows padded 40-75% of the tokens).
 Shapes differ between micro-batches, so pipeline stages exchange them first
 (``variable_seq_lengths``, set by :func:`gad_megatron.models.families.transformer_config_from_hf`).
+D's micro-batches can instead hold whole groups (a teacher answer and its N rollouts): D's
+pair loss then needs no row outside the micro-batch (:func:`group_micro_batches`).
+
+The policy's output layer runs only on each row's response window (``response_window_BR``):
+prompts are most of a GAD batch's tokens, and their logits would be computed to be masked.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class TokenBatch:
     target_ids_BT: torch.Tensor  # long: input shifted left by one, pad at the end
     loss_mask_BT: torch.Tensor  # float: 1 where the target is a response token
     lengths_B: torch.Tensor  # long: real tokens of each row (prompt + response)
+    response_start_B: torch.Tensor  # long: the position that predicts the row's first response token
     advantages_BT: torch.Tensor | None = None  # float: the row's advantage on its response tokens
     engine_logprobs_BT: torch.Tensor | None = None  # float: the rollout engine's log-prob of each target
     row_ids_B: torch.Tensor | None = None  # long: each row's index in the caller's list
@@ -37,6 +43,22 @@ class TokenBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask_BT.sum().item())
+
+    def response_window_BR(self) -> torch.Tensor:
+        """Positions ``start_b .. start_b + R - 1`` of each row, R the longest response here.
+        -> long [B, R]
+
+        Positions past the last column are clamped to it; every target position outside a
+        row's response, the last column included, has loss mask 0.
+        """
+        responses_B = self.lengths_B - self.response_start_B - 1
+        span_R = torch.arange(max(int(responses_B.max()), 1))
+        return (self.response_start_B[:, None] + span_R).clamp(max=self.input_ids_BT.shape[1] - 1)
+
+    def in_window(self, window_BR: torch.Tensor) -> TokenBatch:
+        """The per-token tensors at ``window_BR`` (from :meth:`response_window_BR`), [B, R] each."""
+        return replace(self, **{f.name: value.gather(1, window_BR) for f in fields(self)
+                                if f.name.endswith("_BT") and (value := getattr(self, f.name)) is not None})
 
 
 @dataclass
@@ -96,7 +118,8 @@ def build_batch(
             adv[i, span] = float(advantages[i])  # type: ignore[index]
         if engine is not None:
             engine[i, span] = torch.tensor(engine_logprobs[i], dtype=torch.float32)  # type: ignore[index]
-    return TokenBatch(input_ids, target_ids, mask, lengths, adv, engine, torch.arange(rows))
+    starts = torch.tensor([len(p) - 1 for p in prompts])
+    return TokenBatch(input_ids, target_ids, mask, lengths, starts, adv, engine, torch.arange(rows))
 
 
 def micro_batches(batch: Batch, token_budget: int) -> list[Batch]:
@@ -106,15 +129,31 @@ def micro_batches(batch: Batch, token_budget: int) -> list[Batch]:
     takes ``max(1, token_budget // width)`` rows. ``row_ids_B`` keeps each row's place in
     ``batch``.
     """
-    lengths = batch.lengths_B
-    order = torch.argsort(lengths, descending=True, stable=True)
+    return _pack(batch, torch.arange(len(batch.lengths_B))[:, None], token_budget)
+
+
+def group_micro_batches(batch: ScoreBatch, groups_GK: torch.Tensor, token_budget: int) -> list[ScoreBatch] | None:
+    """Micro-batches of whole groups: group g is rows ``groups_GK[g]``, kept together and in that
+    order, so a micro-batch's rows reshape to [groups, K]. Groups go widest first, as rows do
+    in :func:`micro_batches`. None when one group alone exceeds ``token_budget``.
+    """
+    widest = int(batch.lengths_B[groups_GK].max())
+    if widest * groups_GK.shape[1] > token_budget:
+        return None
+    return _pack(batch, groups_GK, token_budget)
+
+
+def _pack(batch: Batch, groups_GK: torch.Tensor, token_budget: int) -> list[Batch]:
+    """Groups of K rows, widest first, as many per micro-batch as fit ``token_budget`` (one at least)."""
+    widths_G = batch.lengths_B[groups_GK].amax(dim=1)
+    order = torch.argsort(widths_G, descending=True, stable=True)
     out: list[Batch] = []
     start = 0
     while start < len(order):
-        width = int(lengths[order[start]])
-        index = order[start : start + max(1, token_budget // width)]
-        out.append(_take_rows(batch, index, width))
-        start += len(index)
+        width = int(widths_G[order[start]])
+        take = order[start : start + max(1, token_budget // (width * groups_GK.shape[1]))]
+        out.append(_take_rows(batch, groups_GK[take].reshape(-1), width))
+        start += len(take)
     return out
 
 

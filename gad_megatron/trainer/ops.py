@@ -4,18 +4,22 @@ D's scores and D's update in bounded memory.
 Every function takes micro-batches built by :mod:`gad_megatron.trainer.batching` (the same on
 every rank of a model-parallel group) and returns results on every rank that needs them.
 Log-probs come from the policy's TP-sharded logits through
-:func:`gad_megatron.loss.vocab_parallel_logprobs` (the vocabulary is never gathered).
+:func:`gad_megatron.loss.vocab_parallel_logprobs` (the vocabulary is never gathered), and
+only at each row's response positions: the output layer sees the hidden states of the
+response window alone (:meth:`TokenBatch.response_window_BR`), so the prompt's logits,
+most of a GAD batch's, are never computed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
-from gad_megatron.loss import disc_score_grads, policy_loss, vocab_parallel_logprobs
+from gad_megatron.loss import DISC_LOSSES, disc_score_grads, policy_loss, vocab_parallel_logprobs
 from gad_megatron.models.discriminator import stage_forward
-from gad_megatron.models.policy import MegatronLM, model_device
+from gad_megatron.models.policy import MegatronLM, broadcast_from_last_stage, model_device
 from gad_megatron.trainer.actor import Actor, optimizer_step, run_micro_batches, zero_grad
 from gad_megatron.trainer.batching import ScoreBatch, TokenBatch
 
@@ -28,27 +32,54 @@ def _tp() -> tuple[torch.distributed.ProcessGroup, int]:
     return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_rank()
 
 
+@contextmanager
+def _output_layer_at(model: torch.nn.Module, window_BR: torch.Tensor) -> Iterator[None]:
+    """While inside, the model's output layer (last stage) projects only the hidden states at
+    ``window_BR``: [T, B, H] -> [R, B, H], so the logits come out [B, R, V/TP]."""
+    gpt = model
+    while hasattr(gpt, "module"):  # megatron's DDP and Float16Module wrappers
+        gpt = gpt.module
+    if not gpt.post_process:
+        yield
+        return
+    if gpt.output_layer.sequence_parallel:
+        raise ValueError("the policy's response-window logits need whole sequences (sequence_parallel off)")
+    index_RBH = window_BR.t().to(model_device())[:, :, None]
+
+    def select(_layer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden_TBH = args[0]
+        return (hidden_TBH.gather(0, index_RBH.expand(-1, -1, hidden_TBH.shape[-1])), *args[1:]), kwargs
+
+    handle = gpt.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _policy_forward(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
-    """-> logits [B, T, V/TP] of this TP rank's vocabulary shard on the last stage."""
-    return model(input_ids=batch.input_ids_BT.to(model_device()), position_ids=None, attention_mask=None)
+    """-> logits [B, R, V/TP] at the response window, this TP rank's vocabulary shard, on the last stage."""
+    with _output_layer_at(model, batch.response_window_BR()):
+        return model(input_ids=batch.input_ids_BT.to(model_device()), position_ids=None, attention_mask=None)
 
 
-def _logprobs(logits_BTV: torch.Tensor, batch: TokenBatch, lm: MegatronLM, temperature: float,
+def _logprobs(logits_BRV: torch.Tensor, batch: TokenBatch, lm: MegatronLM, temperature: float,
               with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``batch`` already in the response window (:meth:`TokenBatch.in_window`). -> [B, R] each."""
     group, rank = _tp()
     return vocab_parallel_logprobs(
-        logits_BTV, batch.target_ids_BT.to(logits_BTV.device), group, rank * logits_BTV.shape[-1], CHUNK_TOKENS,
+        logits_BRV, batch.target_ids_BT.to(logits_BRV.device), group, rank * logits_BRV.shape[-1], CHUNK_TOKENS,
         real_vocab_size=lm.layout.vocab_size, temperature=temperature, with_entropy=with_entropy,
     )  # fmt: skip
 
 
 def policy_logprobs(lm: MegatronLM, micro: Sequence[TokenBatch], temperature: float) -> list[torch.Tensor]:
-    """Per-token log-probs of each micro-batch's targets, without autograd ([B, T] each, last
-    pipeline stage only; [] on the others). For the KL reference model."""
+    """Per-token log-probs of each micro-batch's targets in its response window, without
+    autograd ([B, R] each, last pipeline stage only; [] on the others). For the KL reference."""
     out: list[torch.Tensor] = []
 
     def keep(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        out.append(_logprobs(logits, batch, lm, temperature)[0].cpu())
+        out.append(_logprobs(logits, batch.in_window(batch.response_window_BR()), lm, temperature)[0].cpu())
         return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {}
 
     run_micro_batches(lm.model, micro, _policy_forward, keep, train=False)
@@ -60,6 +91,7 @@ def sft_update(actor: Actor, micro: Sequence[TokenBatch]) -> tuple[list[dict[str
     global batch. -> (per-micro-batch metric sums, grad norm)."""
 
     def loss(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        batch = batch.in_window(batch.response_window_BR())
         mask = batch.loss_mask_BT.to(logits.device)
         logprobs, _ = _logprobs(logits, batch, actor.lm, 1.0)
         nll = -(logprobs * mask).sum()
@@ -83,7 +115,7 @@ def policy_gradient_update(
     refs = iter(ref_logprobs) if ref_logprobs is not None else None
 
     def loss(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        device = logits.device
+        batch, device = batch.in_window(batch.response_window_BR()), logits.device
         mask = batch.loss_mask_BT.to(device)
         logprobs, entropy = _logprobs(logits, batch, actor.lm, temperature, with_entropy=True)
         value, metrics = policy_loss(
@@ -110,23 +142,44 @@ def _score_forward(model: torch.nn.Module, batch: ScoreBatch) -> torch.Tensor:
 
 def score(lm: MegatronLM, micro: Sequence[ScoreBatch], total_rows: int) -> torch.Tensor:
     """D's score of every row, without autograd, on every rank of the pipeline. -> [total_rows] fp32"""
-    from megatron.core import parallel_state
-
-    scores = torch.zeros(total_rows, dtype=torch.float32)
+    scores = torch.zeros(total_rows, dtype=torch.float32, device=model_device())
 
     def keep(out: torch.Tensor, batch: ScoreBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        scores[batch.row_ids_B] = out.detach().float().cpu()
+        scores[batch.row_ids_B.to(out.device)] = out.detach().float()
         return out.new_zeros(()), torch.zeros((), dtype=torch.int), {}
 
     run_micro_batches(lm.model, micro, _score_forward, keep, train=False)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(scores, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
-    return scores
+    return broadcast_from_last_stage(scores, scores.shape, scores.dtype).cpu()
+
+
+def disc_score_and_update(actor: Actor, micro: Sequence[ScoreBatch], total_rows: int, group_size: int,
+                          loss_name: str) -> tuple[torch.Tensor, float]:
+    """One optimizer step of D whose forward also gives the scores: one D pass where
+    :func:`score` + :func:`disc_update` take two.
+
+    Each micro-batch holds whole groups of ``group_size`` rows, a teacher answer then its
+    rollouts (:func:`gad_megatron.trainer.batching.group_micro_batches`), so each group's
+    pair losses need only its own rows: a micro-batch of G groups returns the sum of its
+    G x (K - 1) pair losses (``G (K - 1) x`` the loss's pair mean) and that pair count, and
+    megatron-core divides by the global count, as :func:`disc_update`. The scores are those
+    of the weights before the step. -> (every row's score on every pipeline rank [total_rows], grad norm)
+    """
+    scores = torch.zeros(total_rows, dtype=torch.float32, device=model_device())
+
+    def loss(out: torch.Tensor, batch: ScoreBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        scores[batch.row_ids_B.to(out.device)] = out.detach().float()
+        groups_GK = out.float().view(-1, group_size)
+        pairs = groups_GK.shape[0] * (group_size - 1)
+        return DISC_LOSSES[loss_name](groups_GK[:, 0], groups_GK[:, 1:]) * pairs, torch.tensor(pairs, dtype=torch.int), {}
+
+    zero_grad(actor)
+    run_micro_batches(actor.ddp, micro, _score_forward, loss, train=True)
+    grad_norm = optimizer_step(actor)
+    return broadcast_from_last_stage(scores, scores.shape, scores.dtype).cpu(), grad_norm
 
 
 def disc_update(actor: Actor, micro: Sequence[ScoreBatch], teacher_P: torch.Tensor, student_PN: torch.Tensor,
-                loss_name: str) -> tuple[float, float]:
+                loss_name: str) -> float:
     """One optimizer step of D on the pairs scored by :func:`score`, in the memory of one micro-batch.
 
     The loss's gradient with respect to each score (``disc_score_grads``) becomes the row's
@@ -135,8 +188,8 @@ def disc_update(actor: Actor, micro: Sequence[ScoreBatch], teacher_P: torch.Tens
     teacher first (P), then rollouts (P x N, prompt-major). Weights are scaled by this rank's
     pair count, and megatron-core divides by the pair count summed over data-parallel ranks,
     so the update is the gradient of the mean over all pairs of the global batch.
-    -> (this rank's loss, grad norm)."""
-    value, grad_teacher, grad_student = disc_score_grads(teacher_P, student_PN, loss_name)  # type: ignore[arg-type]
+    -> grad norm."""
+    _, grad_teacher, grad_student = disc_score_grads(teacher_P, student_PN, loss_name)  # type: ignore[arg-type]
     pairs = student_PN.numel()
     weights = torch.cat([grad_teacher, grad_student.reshape(-1)]) * pairs
     first = True
@@ -150,4 +203,4 @@ def disc_update(actor: Actor, micro: Sequence[ScoreBatch], teacher_P: torch.Tens
 
     zero_grad(actor)
     run_micro_batches(actor.ddp, micro, _score_forward, loss, train=True)
-    return float(value), optimizer_step(actor)
+    return optimizer_step(actor)

@@ -152,6 +152,16 @@ def _parameter_count(model: torch.nn.Module) -> int:
     return int(count.item())
 
 
+D_ACC_WINDOW = 3
+
+
+def d_accuracy_reached(history: list[float], target: float | None) -> bool:
+    """Warmup's early stop: D's pair accuracy averaged over the last :data:`D_ACC_WINDOW` steps
+    is at least ``target`` (never when ``target`` is None)."""
+    window = history[-D_ACC_WINDOW:]
+    return target is not None and len(window) == D_ACC_WINDOW and sum(window) / D_ACC_WINDOW >= target
+
+
 def _resume(ctx: StepContext, ckpt_dir: Path, resume: str | None) -> int:
     """Load the newest complete checkpoint (or the one named); the step it finished (0: fresh)."""
     from gad_megatron.rollout.reshard import sync_weights
@@ -216,6 +226,7 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     step_fn = STEPS[stage]
     g_params = _parameter_count(ctx.g.module)
+    d_accuracy: list[float] = []  # D's pair accuracy of each step this run (warmup's early stop)
     with MetricsLogger.open(cfg.run_dir, stage, plan.total_steps, t.report_to, launch.rank, resume_step=start + 1) as logger:
         for step in range(start + 1, plan.total_steps + 1):
             prompts = [records[i] for i in data_parallel_share(plan.prompts_of(step), dp_rank, dp_size)]
@@ -224,16 +235,23 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
                                    _precision(cfg) == "fp8")  # fmt: skip
             check_finite(step, metrics, [k for k in WATCHED if k in metrics])
             logger.log(step, metrics)
+            d_accuracy.append(metrics.get("d_acc", 0.0))
+            early = stage == "warmup" and d_accuracy_reached(d_accuracy, t.warmup_until_d_acc)
+            last = step == plan.total_steps or early
             stop = preemption.should_stop()
-            if step % t.save_steps == 0 or stop or (step == plan.total_steps and t.keep_resume_states):
+            if step % t.save_steps == 0 or stop or (last and t.keep_resume_states):
                 checkpoint.save_checkpoint(ckpt_dir, step, _models(ctx), _optimizers(ctx),
                                            extra_state={"stage": stage}, keep=max(1, t.keep_resume_states))  # fmt: skip
-            if step % t.save_steps == 0 and step < plan.total_steps:  # the last step's weights are final/
+            if step % t.save_steps == 0 and not last:  # the last step's weights are final/
                 _export_hf(ctx, out_dir / f"checkpoint-{step}", tokenizer)
-            if stop and step < plan.total_steps:
+            if stop and not last:
                 log.warning("preempted after step %d: checkpoint written, exiting %d (resume with --resume)",
                             step, preemption.PREEMPTED_EXIT_CODE)  # fmt: skip
                 sys.exit(preemption.PREEMPTED_EXIT_CODE)
+            if early:
+                log.info("warmup: D's pair accuracy over the last %d steps reached %.2f at step %d; stopping",
+                         D_ACC_WINDOW, t.warmup_until_d_acc, step)  # fmt: skip
+                break
     _export_hf(ctx, final, tokenizer)
     if not t.keep_resume_states and launch.rank == 0:
         shutil.rmtree(ckpt_dir, ignore_errors=True)

@@ -8,7 +8,8 @@ score; D is trained every step to prefer the teacher's response to each of G's r
 
 :func:`gad_step` reads top to bottom: generate -> score -> update D -> update G -> sync. The
 rewards are D's scores *before* this step's D update; each teacher response is forwarded once
-per prompt; D's update re-runs one micro-batch at a time (bounded memory). Departures from the
+per prompt; D's scoring forward is its update's forward when a prompt's teacher answer and
+rollouts fit one micro-batch (else the update re-runs one micro-batch at a time). Departures from the
 paper's code, each deliberate: the policy loss reuses its own forward as the "old" log-probs
 (one update per rollout batch makes them equal), and rollouts come from a colocated engine
 synchronised after every G update (vLLM on GPUs, transformers on CPUs).
@@ -23,13 +24,13 @@ from typing import Any
 import torch
 
 from gad_megatron.discriminator import TextEncoder
-from gad_megatron.loss import group_advantages, pair_accuracy
+from gad_megatron.loss import DISC_LOSSES, group_advantages, pair_accuracy
 from gad_megatron.rollout.engine import InferenceEngine
 from gad_megatron.rollout.reshard import sync_weights
 from gad_megatron.rollout.step import Rollout, RolloutSettings, rollout_metrics, rollout_step
 from gad_megatron.trainer import ops
 from gad_megatron.trainer.actor import Actor, sum_metrics
-from gad_megatron.trainer.batching import build_batch, build_score_batch, micro_batches
+from gad_megatron.trainer.batching import build_batch, build_score_batch, group_micro_batches, micro_batches
 from gad_megatron.trainer.metrics import PhaseTimer
 
 
@@ -85,21 +86,36 @@ def generate(ctx: StepContext, prompts: Prompts, step: int) -> list[Rollout]:
     return box[0]
 
 
-def score_pairs(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout]) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """D's scores of each teacher response (forwarded once per prompt) and each rollout, from one
-    pass without autograd. -> (teacher [P], rollouts [P, N], D's micro-batches for the update)."""
+def discriminate(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout],
+                 timer: PhaseTimer) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """D's scores of each teacher response (forwarded once per prompt) and each rollout, before
+    this step's D update, and that update unless D is frozen. -> (teacher [P], rollouts [P, N], metrics)
+
+    One D pass when each prompt's teacher answer and rollouts fit one micro-batch together:
+    its forward gives the scores, its backward the update (phase ``d_update``). Otherwise two:
+    scores without autograd (``scoring``), then the update re-run one micro-batch at a time.
+    """
     assert ctx.d_lm is not None
     teacher = [ctx.encoder.encode(p["prompt"], p["teacher_response"]) for p in prompts]
     batch = build_score_batch(teacher + [list(r.d_input_ids) for r in rollouts], ctx.pad_id)
-    micro = micro_batches(batch, ctx.token_budget)
-    scores = ops.score(ctx.d_lm, micro, len(teacher) + len(rollouts))
-    return scores[: len(teacher)], scores[len(teacher) :].view(len(teacher), ctx.rollout.n), micro
-
-
-def update_discriminator(ctx: StepContext, micro: list, teacher_P: torch.Tensor, student_PN: torch.Tensor) -> dict[str, float]:
-    assert ctx.d is not None
-    loss, grad_norm = ops.disc_update(ctx.d, micro, teacher_P, student_PN, ctx.disc_loss)
-    return {"d_loss": _dp_mean(loss), "grad_norm_d": grad_norm}
+    n_p, n, total = len(teacher), ctx.rollout.n, len(teacher) + len(rollouts)
+    groups_GK = torch.cat([torch.arange(n_p)[:, None], n_p + torch.arange(n_p * n).view(n_p, n)], dim=1)
+    grouped = group_micro_batches(batch, groups_GK, ctx.token_budget) if ctx.d is not None else None
+    if grouped is not None:
+        with timer("d_update"):
+            scores, grad_norm = ops.disc_score_and_update(ctx.d, grouped, total, n + 1, ctx.disc_loss)
+    else:
+        micro = micro_batches(batch, ctx.token_budget)
+        with timer("scoring"):
+            scores = ops.score(ctx.d_lm, micro, total)
+    teacher_P, student_PN = scores[:n_p], scores[n_p:].view(n_p, n)
+    if ctx.d is None:
+        return teacher_P, student_PN, {}
+    if grouped is None:
+        with timer("d_update"):
+            grad_norm = ops.disc_update(ctx.d, micro, teacher_P, student_PN, ctx.disc_loss)
+    loss = float(DISC_LOSSES[ctx.disc_loss](teacher_P, student_PN))
+    return teacher_P, student_PN, {"d_loss": _dp_mean(loss), "grad_norm_d": grad_norm}
 
 
 def update_generator_pg(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout],
@@ -144,33 +160,25 @@ def sync(ctx: StepContext) -> dict[str, float]:
 
 def gad_step(ctx: StepContext, prompts: Prompts, step: int) -> dict[str, float]:
     """generate -> score -> update D -> update G -> sync weights."""
-    timer, metrics = PhaseTimer(), {}
+    timer = PhaseTimer()
     with timer("rollout"):
         rollouts = generate(ctx, prompts, step)
-    with timer("scoring"):
-        teacher_P, student_PN, d_micro = score_pairs(ctx, prompts, rollouts)
-    rewards_PN = student_PN  # D's scores before this step's update
-    if ctx.d is not None:  # None: the frozen-D ablation
-        with timer("d_update"):
-            metrics |= update_discriminator(ctx, d_micro, teacher_P, student_PN)
+    teacher_P, rewards_PN, metrics = discriminate(ctx, prompts, rollouts, timer)  # D's pre-update scores
     advantages_PN = group_advantages(rewards_PN)
     with timer("g_update"):
         metrics |= update_generator_pg(ctx, prompts, rollouts, advantages_PN)
     with timer("sync"):
         metrics |= sync(ctx)
-    return metrics | timer.pop() | _pair_metrics(teacher_P, student_PN, advantages_PN) | _rollout_metrics(rollouts)
+    return metrics | timer.pop() | _pair_metrics(teacher_P, rewards_PN, advantages_PN) | _rollout_metrics(rollouts)
 
 
 def warmup_step(ctx: StepContext, prompts: Prompts, step: int) -> dict[str, float]:
     """D learns on fresh rollouts; G learns the teacher text by SFT (D alone for the first
     ``disc_only_steps`` steps)."""
-    timer, metrics = PhaseTimer(), {}
+    timer = PhaseTimer()
     with timer("rollout"):
         rollouts = generate(ctx, prompts, step)
-    with timer("scoring"):
-        teacher_P, student_PN, d_micro = score_pairs(ctx, prompts, rollouts)
-    with timer("d_update"):
-        metrics |= update_discriminator(ctx, d_micro, teacher_P, student_PN)
+    teacher_P, student_PN, metrics = discriminate(ctx, prompts, rollouts, timer)
     if step > ctx.disc_only_steps:
         with timer("g_update"):
             metrics |= update_generator_sft(ctx, prompts)
