@@ -84,6 +84,20 @@ def test_tp1_discriminator_scores_match_transformers(megatron_tp1: None, tmp_pat
     assert (got_left - got_right).abs().max().item() < 1e-5
 
 
+def test_bf16_models_have_one_parameter_dtype(megatron_tp1: None, tmp_path: Path) -> None:
+    """megatron-core's distributed optimizer indexes a param group as if its params shared one
+    dtype: the local spec's fp32 norms (and an fp32 D head) in bf16 models broke checkpoints on
+    a GPU (found on an H200). D is built by the same function as G, plus its head."""
+    from transformers import AutoConfig
+
+    from gad_megatron.models.discriminator import build_discriminator
+
+    d = build_discriminator(AutoConfig.from_pretrained(save_tiny_model(tmp_path / "llama", "llama")), torch.bfloat16)
+    assert {p.dtype for p in d.model.parameters()} == {torch.bfloat16}
+    hidden_SBH = torch.randn(3, 2, 64, dtype=torch.bfloat16)
+    assert d.model.output_layer(hidden_SBH)[0].dtype == torch.float32  # scores in fp32
+
+
 def test_align_left_moves_padding_to_the_end_and_rejects_holes() -> None:
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 0], [1, 2, 3, 4]])
     mask = (ids != 0).long()

@@ -38,6 +38,13 @@ def test_not_a_model_dir(tmp_path: Path) -> None:
         models.resolve_model_path(str(tmp_path))
 
 
+def test_tokenizer_from_a_tokenizer_only_directory(tiny_tokenizer, tmp_path: Path) -> None:
+    """What GAD_TEST_TOKENIZER points at on a bare GPU box: a saved tokenizer, no model."""
+    tiny_tokenizer.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+    assert models.load_tokenizer(str(tmp_path)).encode("Hello there") == tiny_tokenizer.encode("Hello there")
+
+
 def test_tiny_model_factory(tiny_model_dir: Path, tiny_tokenizer) -> None:
     model = models.load_causal_lm(str(tiny_model_dir))
     assert sum(p.numel() for p in model.parameters()) < 5_000_000

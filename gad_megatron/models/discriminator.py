@@ -38,16 +38,22 @@ from gad_megatron.models.policy import (
 
 
 class ScalarHead(nn.Module):
-    """Stands in for GPTModel's ``output_layer``: hidden [S, B, H] -> scores [S, B, 1] in fp32."""
+    """Stands in for GPTModel's ``output_layer``: hidden [S, B, H] -> scores [S, B, 1], computed in fp32.
 
-    def __init__(self, hidden_size: int) -> None:
+    The weight [1, H] has the model's parameter dtype: megatron-core's distributed optimizer
+    orders a parameter group's fp32 params before its bf16 ones but indexes them in model
+    order, so one fp32 param in a bf16 model breaks its checkpoints (the optimizer still keeps
+    an fp32 main copy of a bf16 weight).
+    """
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(1, hidden_size, dtype=torch.float32))
+        self.weight = nn.Parameter(torch.empty(1, hidden_size, dtype=dtype))
 
     def forward(self, hidden_SBH: torch.Tensor, weight: torch.Tensor | None = None,
                 runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
         # (weight, runtime_gather_output): the output-layer call signature GPTModel uses.
-        return nn.functional.linear(hidden_SBH.float(), self.weight), None
+        return nn.functional.linear(hidden_SBH.float(), self.weight.float()), None
 
 
 def new_head_weight(hidden_size: int, std: float, seed: int) -> torch.Tensor:
@@ -68,7 +74,7 @@ def build_discriminator(hf_config: Any, dtype: torch.dtype = torch.float32, **co
         raise ValueError("the discriminator does not support sequence parallelism (its head needs whole sequences)")
     lm = build_gpt(hf_config, "discriminator", dtype, **config_overrides)
     if lm.model.post_process:
-        lm.model.output_layer = ScalarHead(hf_config.hidden_size).to(model_device())
+        lm.model.output_layer = ScalarHead(hf_config.hidden_size, lm.model.config.params_dtype).to(model_device())
     return lm
 
 

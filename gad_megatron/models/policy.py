@@ -95,6 +95,11 @@ def build_gpt(hf_config: Any, role: Role = "policy", dtype: torch.dtype = torch.
     # megatron-core creates linear weights on the GPU itself but not every module (norms of the
     # local spec, buffers): Megatron-LM moves the model afterwards, so do we.
     model.to(model_device())
+    # Every parameter in the params dtype, as Megatron-LM's Float16Module leaves them: the local
+    # spec creates its norms in fp32, and megatron-core's distributed optimizer indexes a param
+    # group as if its params shared one dtype (mixed, its checkpoints break; seen on an H200).
+    for param in model.parameters():
+        param.data = param.data.to(config.params_dtype)
     return MegatronLM(model, layout, hf_config)
 
 

@@ -115,10 +115,13 @@ def resolve_model_path(spec: str) -> str:
 
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
-    """Tokenizer with a pad token (left padding is set by whoever batches prompts)."""
+    """Tokenizer with a pad token (left padding is set by whoever batches prompts). ``spec``: a model
+    spec (:func:`resolve_model_path`) or a directory holding a tokenizer alone."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec), trust_remote_code=trust_remote_code)
+    tokenizer_only = (Path(spec) / "tokenizer_config.json").is_file()
+    path = spec if tokenizer_only else resolve_model_path(spec)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -98,8 +98,10 @@ def init_distributed(
     if not torch.distributed.is_initialized():
         if on_gpu:
             torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+        # On GPUs, NCCL for CUDA tensors and gloo for CPU ones (step metrics, flags, object
+        # broadcasts); megatron-core's groups inherit both.
         torch.distributed.init_process_group(
-            backend="nccl" if on_gpu else "gloo",
+            backend="cpu:gloo,cuda:nccl" if on_gpu else "gloo",
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
