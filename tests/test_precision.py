@@ -182,7 +182,7 @@ def megatron_tp1() -> Iterator[None]:
     destroy_distributed()
 
 
-def test_bf16_model_keeps_embedding_and_head_bf16_and_d_head_fp32(megatron_tp1: None) -> None:
+def test_bf16_model_keeps_embedding_and_head_bf16_and_d_scores_fp32(megatron_tp1: None) -> None:
     from gad_megatron.models.discriminator import build_discriminator
     from gad_megatron.models.policy import build_gpt
 
@@ -192,4 +192,6 @@ def test_bf16_model_keeps_embedding_and_head_bf16_and_d_head_fp32(megatron_tp1: 
     assert policy.output_layer.weight.dtype == torch.bfloat16
     d = build_discriminator(tiny_hf_config(2), **overrides).model
     assert d.decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
-    assert d.output_layer.weight.dtype == torch.float32
+    # D's head is stored in the params dtype (one dtype per model: see build_gpt) and scores in fp32
+    assert d.output_layer.weight.dtype == torch.bfloat16
+    assert d.output_layer(torch.randn(3, 2, 64, dtype=torch.bfloat16))[0].dtype == torch.float32
