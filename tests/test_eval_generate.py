@@ -20,8 +20,9 @@ from gad_megatron.evaluation.generate import (
     run_generate,
 )
 from gad_megatron.evaluation.suites import BUILTIN_SUITES, load_suite
+from tests.helpers.shared_data import shared_data_dir
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = shared_data_dir()
 VICUNA = DATA / "vicuna80.jsonl"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +12,9 @@ from gad_megatron.config import TeacherConfig, parse_config
 from gad_megatron.data import read_jsonl, write_jsonl
 from gad_megatron.evaluation.judge import format_demo_messages, judge_pairs, judge_references, parse_ratings, rating_messages
 from gad_megatron.teacher import Completion
+from tests.helpers.shared_data import shared_data_dir
 
-VICUNA = Path(__file__).resolve().parents[2] / "shared" / "data" / "vicuna80.jsonl"
+VICUNA = shared_data_dir() / "vicuna80.jsonl"
 
 
 @pytest.mark.parametrize("text, expected", [
