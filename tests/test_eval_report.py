@@ -24,9 +24,10 @@ from gad_megatron.data import read_jsonl, write_jsonl
 from gad_megatron.evaluation.evaluate import evaluate_run
 from gad_megatron.evaluation.generate import run_generate
 from gad_megatron.evaluation.report import plot_training_curves, write_report
+from tests.helpers.shared_data import shared_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-VICUNA = ROOT.parent / "shared" / "data" / "vicuna80.jsonl"
+VICUNA = shared_data_dir() / "vicuna80.jsonl"
 TOPICS = ["rain", "tea", "bikes", "maps"]
 
 
