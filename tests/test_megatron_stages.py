@@ -110,6 +110,15 @@ def test_warmup_stops_once_d_is_accurate(chained: dict, tmp_path: Path) -> None:
     accuracy = [r["d_acc"] for r in rows]
     assert len(rows) == 3 and sum(accuracy) / 3 >= target, accuracy
     assert (tmp_path / "warmup" / "final" / "COMPLETE").is_file()
+    # Resumed after step 2, the window still holds steps 1-2: the stop comes at step 3 again.
+    resumed = tmp_path / "resumed"
+    ok(gad(chained["config"], "warmup", f"run_dir={resumed}", "train.max_steps=2", "train.keep_resume_states=1"))
+    meta = json.loads((resumed / "warmup" / "megatron" / "iter_0000002" / "meta.json").read_text())
+    assert meta["extra_state"]["d_acc_recent"] == [r["d_acc"] for r in metrics(resumed / "warmup")]
+    (resumed / "warmup" / "final" / "COMPLETE").unlink()  # a run that died while exporting final/
+    ok(gad(chained["config"], "warmup", f"run_dir={resumed}", "train.max_steps=6", f"train.warmup_until_d_acc={target}",
+           resume=True))  # fmt: skip
+    assert [r["step"] for r in metrics(resumed / "warmup")] == [1, 2, 3]
 
 
 def test_seqkd_stage(chained: dict, tmp_path: Path) -> None:

@@ -162,22 +162,23 @@ def d_accuracy_reached(history: list[float], target: float | None) -> bool:
     return target is not None and len(window) == D_ACC_WINDOW and sum(window) / D_ACC_WINDOW >= target
 
 
-def _resume(ctx: StepContext, ckpt_dir: Path, resume: str | None) -> int:
-    """Load the newest complete checkpoint (or the one named); the step it finished (0: fresh)."""
+def _resume(ctx: StepContext, ckpt_dir: Path, resume: str | None) -> tuple[int, list[float]]:
+    """Load the newest complete checkpoint (or the one named). -> (the step it finished, 0 when
+    fresh; D's pair accuracy of the steps before it, for warmup's early stop)."""
     from gad_megatron.rollout.reshard import sync_weights
 
     if resume is None:
-        return 0
+        return 0, []
     path = checkpoint.latest_checkpoint(ckpt_dir, clean=True) if resume == "latest" else Path(resume)
     if path is None:
         log.info("no complete checkpoint in %s: starting from step 1", ckpt_dir)
-        return 0
+        return 0, []
     checkpoint.load_checkpoint(path, _models(ctx), _optimizers(ctx))
-    step = int(checkpoint.read_meta(path)["step"])
+    meta = checkpoint.read_meta(path)
     if ctx.d_lm is not None:  # the stages with rollouts
         sync_weights(ctx.g.lm, None, ctx.engine)
-    log.info("resumed from %s (step %d)", path, step)
-    return step
+    log.info("resumed from %s (step %d)", path, meta["step"])
+    return int(meta["step"]), list(meta["extra_state"].get("d_acc_recent", []))
 
 
 def _export_hf(ctx: StepContext, out: Path, tokenizer: Any) -> Path:
@@ -220,13 +221,15 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
                 if old.exists():
                     log.warning("%s: removing %s from an earlier run (train with --resume to continue it)", stage, old)
                     shutil.rmtree(old)
+        elif final.exists():  # an export that died before its COMPLETE marker
+            log.warning("%s: removing the unfinished export %s; it is written again at the end", stage, final)
+            shutil.rmtree(final)
         save_resolved_config(cfg, out_dir)
     torch.distributed.barrier()
-    start = _resume(ctx, ckpt_dir, resume)
+    start, d_accuracy = _resume(ctx, ckpt_dir, resume)  # D's pair accuracy of each step (warmup's early stop)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     step_fn = STEPS[stage]
     g_params = _parameter_count(ctx.g.module)
-    d_accuracy: list[float] = []  # D's pair accuracy of each step this run (warmup's early stop)
     with MetricsLogger.open(cfg.run_dir, stage, plan.total_steps, t.report_to, launch.rank, resume_step=start + 1) as logger:
         for step in range(start + 1, plan.total_steps + 1):
             prompts = [records[i] for i in data_parallel_share(plan.prompts_of(step), dp_rank, dp_size)]
@@ -241,7 +244,8 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
             stop = preemption.should_stop()
             if step % t.save_steps == 0 or stop or (last and t.keep_resume_states):
                 checkpoint.save_checkpoint(ckpt_dir, step, _models(ctx), _optimizers(ctx),
-                                           extra_state={"stage": stage}, keep=max(1, t.keep_resume_states))  # fmt: skip
+                                           extra_state={"stage": stage, "d_acc_recent": d_accuracy[-D_ACC_WINDOW:]},
+                                           keep=max(1, t.keep_resume_states))  # fmt: skip
             if step % t.save_steps == 0 and not last:  # the last step's weights are final/
                 _export_hf(ctx, out_dir / f"checkpoint-{step}", tokenizer)
             if stop and not last:

@@ -101,19 +101,19 @@ def discriminate(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout]
     n_p, n, total = len(teacher), ctx.rollout.n, len(teacher) + len(rollouts)
     groups_GK = torch.cat([torch.arange(n_p)[:, None], n_p + torch.arange(n_p * n).view(n_p, n)], dim=1)
     grouped = group_micro_batches(batch, groups_GK, ctx.token_budget) if ctx.d is not None else None
-    if grouped is not None:
+    if grouped is not None:  # one pass: the update's forward gives the scores
         with timer("d_update"):
             scores, grad_norm = ops.disc_score_and_update(ctx.d, grouped, total, n + 1, ctx.disc_loss)
-    else:
+    else:  # scores first, then (unless D is frozen) the update one micro-batch at a time
         micro = micro_batches(batch, ctx.token_budget)
         with timer("scoring"):
             scores = ops.score(ctx.d_lm, micro, total)
+        if ctx.d is not None:
+            with timer("d_update"):
+                grad_norm = ops.disc_update(ctx.d, micro, scores[:n_p], scores[n_p:].view(n_p, n), ctx.disc_loss)
     teacher_P, student_PN = scores[:n_p], scores[n_p:].view(n_p, n)
     if ctx.d is None:
         return teacher_P, student_PN, {}
-    if grouped is None:
-        with timer("d_update"):
-            grad_norm = ops.disc_update(ctx.d, micro, teacher_P, student_PN, ctx.disc_loss)
     loss = float(DISC_LOSSES[ctx.disc_loss](teacher_P, student_PN))
     return teacher_P, student_PN, {"d_loss": _dp_mean(loss), "grad_norm_d": grad_norm}
 
