@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gad_megatron.evaluation.loglik import candidate_loglik, mean_loglik, teacher_loglik
+from gad_megatron.evaluation.loglik import (candidate_loglik, encode_pair, mean_loglik, response_logprobs,
+                                            shared_prefix_length, teacher_loglik)
 
 PROMPTS = [
     [{"role": "user", "content": "Name a colour."}],
@@ -55,3 +56,36 @@ def test_teacher_context_and_truncation(tiny_lm, tiny_tokenizer):
     plain = candidate_loglik(tiny_lm, tiny_tokenizer, PROMPTS, RESPONSES, finished=finished)
     assert plain["tokens"] == res["tokens"]
     assert plain["mean_token_loglik"] != pytest.approx(res["mean_token_loglik"], abs=1e-6)
+
+
+LONG_CONTEXT = [{"role": "user", "content": "Answer briefly and end with a friendly sign-off, like this."},
+                {"role": "assistant", "content": "In short: water boils at 100 degrees at sea level. Take care!"}] * 3
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]], limit=10) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]], limit=2) == 2
+    assert shared_prefix_length([[7, 2], [1, 2]], limit=5) == 0
+    assert shared_prefix_length([[1, 2, 3]], limit=5) == 3
+
+
+def test_shared_context_forwarded_once_gives_the_same_values(tiny_lm, tiny_tokenizer):
+    """The teacher's hidden context as one cached prefix: equal to the direct, unbatched values."""
+    finished = [True, False, True]
+    prompt_ids = [encode_pair(tiny_tokenizer, p, r, f, LONG_CONTEXT)[0] for p, r, f in zip(PROMPTS, RESPONSES, finished)]
+    assert shared_prefix_length(prompt_ids, 10**6) >= 32  # the cached path is the one under test
+    calls = []
+    hook = tiny_lm.register_forward_pre_hook(lambda _m, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                             with_kwargs=True)
+    try:
+        cached = response_logprobs(tiny_lm, tiny_tokenizer, PROMPTS, RESPONSES, finished, LONG_CONTEXT, batch_size=2)
+    finally:
+        hook.remove()
+    assert calls[0][0] == 1 and len(calls) == 3  # the prefix once, then two batches of suffixes
+    assert all(shape[1] < calls[0][1] for shape in calls[1:])
+    plain = response_logprobs(tiny_lm, tiny_tokenizer, PROMPTS, RESPONSES, finished, LONG_CONTEXT, batch_size=2,
+                              min_shared_prefix=10**6)
+    for p, r, f, (s_c, n_c), (s_p, n_p) in zip(PROMPTS, RESPONSES, finished, cached, plain):
+        direct, n = _direct(tiny_lm, tiny_tokenizer, p, r, f, LONG_CONTEXT)
+        assert n_c == n_p == n
+        assert s_c == pytest.approx(direct, abs=1e-4) and s_p == pytest.approx(direct, abs=1e-4)

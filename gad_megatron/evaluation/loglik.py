@@ -15,11 +15,14 @@ tokenizer, so compare them across checkpoints of one model, not across tokenizer
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import torch
 
-__all__ = ["encode_pair", "response_logprobs", "mean_loglik", "teacher_loglik", "candidate_loglik"]
+from gad_megatron.rollout.hf_engine import cache_keyword
+
+__all__ = ["encode_pair", "shared_prefix_length", "response_logprobs", "mean_loglik", "teacher_loglik", "candidate_loglik"]
 
 Messages = list[dict[str, str]]
 
@@ -39,38 +42,76 @@ def encode_pair(tokenizer: Any, prompt: Messages, response: str, finished: bool 
     return prompt_ids, response_ids
 
 
+def shared_prefix_length(seqs: Sequence[Sequence[int]], limit: int) -> int:
+    """Length of the token prefix every sequence starts with, at most ``limit``."""
+    first, n = seqs[0], max(0, min(limit, *(len(s) for s in seqs)))
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
 @torch.no_grad()
 def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str],
                       finished: Sequence[bool] | None = None, context: Sequence[dict[str, str]] | None = None,
-                      batch_size: int = 8) -> list[tuple[float, int]]:
-    """Per example ``(sum of response-token log-probs, number of response tokens)``."""
+                      batch_size: int = 8, min_shared_prefix: int = 32) -> list[tuple[float, int]]:
+    """Per example ``(sum of response-token log-probs, number of response tokens)``.
+
+    When every prompt starts with the same ``>= min_shared_prefix`` tokens (a teacher's hidden
+    context, a chat template's default system prompt), that prefix is forwarded once and its KV
+    cache reused by every batch: the same values to float rounding, a fraction of the compute.
+    """
     finished = finished if finished is not None else [True] * len(prompts)
     pairs = [encode_pair(tokenizer, p, r, f, context) for p, r, f in zip(prompts, responses, finished)]
+    if not pairs:
+        return []
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # The last prompt token stays outside the prefix: its logits predict the first response token.
+    shared = shared_prefix_length([p for p, _ in pairs], min(len(p) for p, _ in pairs) - 1)
+    shared = shared if shared >= min_shared_prefix else 0
     was_training = model.training
     model.eval()
     out: list[tuple[float, int]] = []
     try:
+        prefix_cache = _prefix_cache(model, pairs[0][0][:shared], device) if shared else None
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            seqs = [p + r for p, r in chunk]
+            seqs = [(p + r)[shared:] for p, r in chunk]
             width = max(len(s) for s in seqs)
             # Right padding: positions (and so rotary embeddings) match an unpadded forward pass.
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            ids_BW = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask_BW = torch.zeros((len(seqs), shared + width), dtype=torch.long)
+            mask_BW[:, :shared] = 1
             for i, s in enumerate(seqs):
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+                ids_BW[i, : len(s)] = torch.tensor(s)
+                mask_BW[i, shared : shared + len(s)] = 1
+            kwargs: dict[str, Any] = {}
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(seqs))
+                positions_BW = torch.arange(shared, shared + width).expand(len(seqs), width)
+                kwargs = {cache_keyword(model): cache, "use_cache": True, "position_ids": positions_BW.to(device)}
+            logits = model(input_ids=ids_BW.to(device), attention_mask=mask_BW.to(device), **kwargs).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids_BW[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
             for i, (p, r) in enumerate(chunk):
-                # Token t is predicted at position t-1.
-                lp = logp[i, len(p) - 1 : len(p) - 1 + len(r)]
+                # Token t is predicted at position t-1 (positions counted after the shared prefix).
+                lp = logp[i, len(p) - 1 - shared : len(p) - 1 - shared + len(r)]
                 out.append((float(lp.sum()), len(r)))
     finally:
         model.train(was_training)
     return out
+
+
+def _prefix_cache(model: Any, prefix_ids: list[int], device: torch.device) -> Any:
+    """The KV cache of one forward over ``prefix_ids`` (batch 1)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, **{cache_keyword(model): cache})
+    return cache
 
 
 def mean_loglik(model: Any, tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str],

@@ -16,7 +16,13 @@ import torch
 
 from gad_megatron.rollout.engine import Completion, FinishReason, SamplingParams
 
-__all__ = ["TransformersEngine"]
+__all__ = ["TransformersEngine", "cache_keyword"]
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward's KV-cache keyword: transformers 5.2x renamed ``past_key_values`` to ``cache``.
+    An unknown keyword would vanish into ``**kwargs`` and silently disable the cache, so ask the signature."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class TransformersEngine:
@@ -30,10 +36,7 @@ class TransformersEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.device = next(model.parameters()).device
-        # transformers 5.2x renamed the forward's ``past_key_values`` to ``cache``; an unknown
-        # keyword would vanish into **kwargs and silently disable the cache, so ask the signature.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._cache_kwarg = cache_keyword(model)
         # Set while weights are half-loaded (a failed update) or never loaded (from_config).
         self._weights_invalid = False
 
