@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -96,7 +97,8 @@ def collect_teacher(run_dir: Path, budget: Budget, train: list[dict], test: list
     """Serve the teacher, answer train + test prompts (cached), write data/train.jsonl and data/test.jsonl."""
     from gad_megatron.llama_server import LlamaServer
 
-    with LlamaServer(n_ctx=2048) as server:
+    # Nothing else computes during collection (the client only waits): the server gets every core.
+    with LlamaServer(n_ctx=2048, n_threads=os.cpu_count() or 1) as server:
         teacher = teacher_config(budget, server.base_url)
         rows, stats = collect(train + test, teacher, run_dir / CACHE_NAME)
     log.info("teacher: %d answered (%d cached), %d failed", stats.ok, stats.cached, stats.failed)
