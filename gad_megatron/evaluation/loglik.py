@@ -56,7 +56,7 @@ def shared_prefix_length(seqs: Sequence[Sequence[int]], limit: int) -> int:
 @torch.no_grad()
 def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str],
                       finished: Sequence[bool] | None = None, context: Sequence[dict[str, str]] | None = None,
-                      batch_size: int = 8, min_shared_prefix: int = 32) -> list[tuple[float, int]]:
+                      batch_size: int = 8, min_shared_prefix: int = 16) -> list[tuple[float, int]]:
     """Per example ``(sum of response-token log-probs, number of response tokens)``.
 
     When every prompt starts with the same ``>= min_shared_prefix`` tokens (a teacher's hidden
@@ -94,12 +94,16 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Messages], r
                 cache.batch_repeat_interleave(len(seqs))
                 positions_BW = torch.arange(shared, shared + width).expand(len(seqs), width)
                 kwargs = {cache_keyword(model): cache, "use_cache": True, "position_ids": positions_BW.to(device)}
-            logits = model(input_ids=ids_BW.to(device), attention_mask=mask_BW.to(device), **kwargs).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids_BW[:, 1:].to(device).unsqueeze(-1)).squeeze(-1)
+            # Logits only from the first position that predicts a response token: [B, K, V].
+            first = min(len(p) for p, _ in chunk) - 1 - shared
+            logits_BKV = model(input_ids=ids_BW.to(device), attention_mask=mask_BW.to(device),
+                               logits_to_keep=width - first, **kwargs).logits[:, :-1].float()  # fmt: skip
+            targets_BK = ids_BW[:, first + 1 :].to(device)
+            logp_BK = logits_BKV.gather(-1, targets_BK.unsqueeze(-1)).squeeze(-1) - logits_BKV.logsumexp(-1)
             for i, (p, r) in enumerate(chunk):
                 # Token t is predicted at position t-1 (positions counted after the shared prefix).
-                lp = logp[i, len(p) - 1 - shared : len(p) - 1 - shared + len(r)]
-                out.append((float(lp.sum()), len(r)))
+                start = len(p) - 1 - shared - first
+                out.append((float(logp_BK[i, start : start + len(r)].sum()), len(r)))
     finally:
         model.train(was_training)
     return out
