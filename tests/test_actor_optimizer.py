@@ -43,3 +43,9 @@ def test_only_fresh_torch_adams_are_switched() -> None:
     stepped.step()  # its state exists (step on the unfused path): left as it is
     assert use_fused_torch_adam(SimpleNamespace(optimizer=stepped)) == 0
     assert not stepped.param_groups[0]["fused"]
+
+
+def test_parameters_off_the_cpu_are_left_alone() -> None:
+    meta = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3, device="meta"))], lr=1e-3)  # stands in for a GPU: not a CPU tensor
+    assert use_fused_torch_adam(SimpleNamespace(optimizer=meta)) == 0
+    assert not meta.param_groups[0]["fused"]

@@ -72,17 +72,18 @@ def build_actor(lm: MegatronLM, lr: float, clip_grad: float, distributed_optimiz
 
 
 def use_fused_torch_adam(optimizer: Any) -> int:
-    """Switch megatron-core's torch Adam fallback (no Apex, no TE) to torch's fused kernel.
+    """Switch megatron-core's torch Adam fallback (no Apex, no TE) to torch's fused kernel on CPUs.
 
-    megatron-core builds ``torch.optim.AdamW`` without ``fused``, which on CPU steps one tensor
-    at a time (about 8 passes over memory per parameter); the fused kernel (CPU and CUDA) makes
-    one, with the same update to float rounding. A TE or Apex FusedAdam is left alone.
-    -> the number of torch optimizers switched.
+    megatron-core builds ``torch.optim.AdamW`` without ``fused``, which on a CPU steps one tensor
+    at a time (about 8 passes over memory per parameter); the fused kernel makes one, with the
+    same update to float rounding. On GPUs torch already picks its multi-tensor path, and a TE
+    or Apex FusedAdam is left alone. -> the number of torch optimizers switched.
     """
     switched = 0
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = chained.optimizer
-        if isinstance(inner, torch.optim.Adam) and not inner.state:  # AdamW is an Adam
+        on_cpu = all(p.device.type == "cpu" for group in getattr(inner, "param_groups", []) for p in group["params"])
+        if isinstance(inner, torch.optim.Adam) and not inner.state and on_cpu:  # AdamW is an Adam
             for group in inner.param_groups:
                 group["fused"], group["foreach"] = True, False
             switched += 1
