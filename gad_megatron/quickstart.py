@@ -1,6 +1,6 @@
 """``gad quickstart``: distil a teacher into a student end to end, offline, on a laptop CPU.
 
-    gad quickstart                      # ~28 minutes on 2 CPU cores (fp32; see docs/results.md)
+    gad quickstart                      # ~20 minutes on 2 CPU cores (fp32; see docs/results.md)
     gad quickstart --tiny               # a smoke test: few prompts, few steps
 
 Teacher: SmolLM2-135M-Instruct served by llama.cpp on 127.0.0.1, plus a hidden few-shot
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Budget:
-    """How much work each stage gets. ``FULL``: 28 minutes on 2 idle AVX2 cores (goal: 20)."""
+    """How much work each stage gets. ``FULL`` fits 20 minutes on 2 idle AVX2 cores in fp32."""
 
     n_train: int
     n_test: int
@@ -43,7 +43,7 @@ class Budget:
     num_generations: int
 
 
-FULL = Budget(n_train=160, n_test=40, max_tokens=48, seqkd_steps=40, warmup_steps=6, gad_steps=16,
+FULL = Budget(n_train=160, n_test=40, max_tokens=48, seqkd_steps=40, warmup_steps=5, gad_steps=12,
               batch_prompts=4, num_generations=4)
 TINY = Budget(n_train=8, n_test=4, max_tokens=24, seqkd_steps=2, warmup_steps=2, gad_steps=2,
               batch_prompts=2, num_generations=2)
