@@ -39,14 +39,18 @@ class Budget:
     seqkd_steps: int
     warmup_steps: int
     gad_steps: int
-    batch_prompts: int
-    num_generations: int
+    batch_prompts: int  # prompts per warmup / GAD step
+    num_generations: int  # rollouts per prompt (N)
+    seqkd_batch_prompts: int = 4
+    gad_lr: float = 1e-5  # G's lr in the adversarial stage (SeqKD and D: 1e-5)
 
 
+# GAD: the recipe the context-distillation study found steadier (docs/results.md): G lr 3e-6 and
+# N = 8 rollouts of 2 prompts a step (KL stayed below 0.05; at 1e-5 and 4 x 4 it drifted to 0.17).
 FULL = Budget(n_train=160, n_test=40, max_tokens=48, seqkd_steps=40, warmup_steps=5, gad_steps=12,
-              batch_prompts=4, num_generations=4)
+              batch_prompts=2, num_generations=8, seqkd_batch_prompts=4, gad_lr=3e-6)
 TINY = Budget(n_train=8, n_test=4, max_tokens=24, seqkd_steps=2, warmup_steps=2, gad_steps=2,
-              batch_prompts=2, num_generations=2)
+              batch_prompts=2, num_generations=2, seqkd_batch_prompts=2)
 
 
 def split_prompts(n_train: int, n_test: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
@@ -118,10 +122,11 @@ def train_all(cfg: RunConfig, budget: Budget, fresh: bool) -> dict[str, Path]:
     (``disc_only_steps`` = all warmup steps). This saves a second SFT pass on a CPU budget and
     makes the comparison exact: GAD = SeqKD + the adversarial stage.
     """
-    seqkd = train_once(cfg, "seqkd", budget.seqkd_steps, fresh)
+    seqkd = train_once(cfg, "seqkd", budget.seqkd_steps, fresh, batch_prompts=budget.seqkd_batch_prompts)
     warmup = train_once(cfg, "warmup", budget.warmup_steps, fresh, init_from=str(seqkd),
                         disc_only_steps=budget.warmup_steps)
-    return {"seqkd": seqkd, "warmup": warmup, "gad": train_once(cfg, "gad", budget.gad_steps, fresh)}
+    gad = train_once(cfg, "gad", budget.gad_steps, fresh, learning_rate=budget.gad_lr)
+    return {"seqkd": seqkd, "warmup": warmup, "gad": gad}
 
 
 def train_once(cfg: RunConfig, stage: str, max_steps: int, fresh: bool = False, **train: Any) -> Path:
