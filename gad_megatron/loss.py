@@ -19,6 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+KL_LOG_RATIO_BOUND = 20.0  # |ref - logprobs| per token in the k3 KL (verl's low_var_kl)
+KL_TOKEN_BOUND = 10.0  # k3 per token
+
 
 def _all_reduce(tensor: Tensor, op: dist.ReduceOp, group: dist.ProcessGroup | None) -> None:
     if group is not None and dist.get_world_size(group) > 1:
@@ -182,7 +185,8 @@ def policy_loss(
     Per valid token (``mask_T`` true), with r = exp(logprobs - old), A the advantage::
 
         pg  = max(-A r, -A clip(r, 1 - clip, 1 + clip))
-        kl  = exp(ref - logprobs) - (ref - logprobs) - 1        (k3; 0 without ref_logprobs_T)
+        d   = clamp(ref - logprobs, -20, 20)
+        kl  = min(exp(d) - d - 1, 10)                           (k3; 0 without ref_logprobs_T)
         w   = min(exp(old - engine), tis_cap), no gradient      (TIS; 1 when tis_cap is None)
         loss = sum_valid(w pg + kl_beta kl) / num_tokens_global
 
@@ -214,8 +218,10 @@ def policy_loss(
         weight = torch.exp(old - valid(engine_logprobs_T.detach())).clamp(max=tis_cap)
     kl = torch.zeros_like(pg)
     if ref_logprobs_T is not None:
-        delta = valid(ref_logprobs_T.detach()) - logprobs
-        kl = torch.exp(delta) - delta - 1
+        # k3 grows as exp(ref - logprobs): one token the policy has all but ruled out would
+        # otherwise dominate (or overflow) the loss. Bounded as verl's low_var_kl bounds it.
+        delta = (valid(ref_logprobs_T.detach()) - logprobs).clamp(-KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND)
+        kl = (torch.exp(delta) - delta - 1).clamp(max=KL_TOKEN_BOUND)
     count = torch.as_tensor(num_tokens_global, dtype=pg.dtype, device=pg.device).clamp(min=1)
     fmask = mask.to(pg.dtype)
     loss = ((weight * pg + kl_beta * kl) * fmask).sum() / count

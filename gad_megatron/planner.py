@@ -252,7 +252,7 @@ def plan(cfg: RunConfig, nodes: int, gpus_per_node: int, gpu_memory_gib: float =
     d = load_shape(cfg.train.discriminator, cfg.trust_remote_code) if cfg.train.discriminator else g
     layout = make_layout(cfg.parallel, nodes, gpus_per_node, [g, d])
     gpu_bytes = int(gpu_memory_gib * GIB)
-    uses_engine = cfg.train.stage != "seqkd" and cfg.train.use_vllm and cfg.train.vllm_mode == "colocate"
+    uses_engine = cfg.train.stage != "seqkd" and cfg.train.use_vllm
     engine: Rows = []
     kv_tokens = None
     if uses_engine:

@@ -102,3 +102,32 @@ def test_group_micro_batches_keep_each_group_whole_and_in_order() -> None:
     assert [m.input_ids_BT.shape for m in micro] == [(3, 30), (6, 15)]
     assert all(m.input_ids_BT.numel() <= 100 for m in micro)
     assert group_micro_batches(batch, groups_GK, 89) is None, "the 30-token group needs 90 tokens"
+
+
+@pytest.mark.parametrize("multiple", [16, 32])
+def test_fp8_width_multiple_pads_every_micro_batch(multiple: int) -> None:
+    """Widths rounded up to the FP8 GEMM multiple (token counts follow), padding masked; every row,
+    its mask and its window unchanged; D's groups too."""
+    prompts, responses = _random_rows(23, seed=5)
+    plain = build_batch(prompts, responses, PAD, advantages=[float(i) for i in range(23)])
+    batch = build_batch(prompts, responses, PAD, advantages=[float(i) for i in range(23)], width_multiple=multiple)
+    assert batch.input_ids_BT.shape[1] % multiple == 0 and batch.num_tokens == plain.num_tokens
+    for budget in (1, 200, 10_000):
+        micro = micro_batches(batch, budget, multiple)
+        assert sorted(torch.cat([m.row_ids_B for m in micro]).tolist()) == list(range(23))
+        for m in micro:
+            rows, width = m.input_ids_BT.shape
+            assert width % multiple == 0 and (rows * width) % multiple == 0
+            assert width - multiple < int(m.lengths_B.max()) <= width  # no wider than needed
+            assert rows == 1 or rows * width <= budget
+            for j, row in enumerate(m.row_ids_B.tolist()):
+                n = int(plain.lengths_B[row])
+                assert torch.equal(m.input_ids_BT[j, :n], plain.input_ids_BT[row, :n])
+                assert torch.equal(m.loss_mask_BT[j, :n], plain.loss_mask_BT[row, :n]) and not m.loss_mask_BT[j, n:].any()
+            assert torch.equal(m.response_window_BR(), m.response_window_BR().clamp(max=width - 1))
+    with pytest.raises(ValueError, match="width_multiple=16"):
+        micro_batches(plain, 10_000, 16)
+    scores = build_score_batch([[1] * 5, [2] * 17, [3] * 9], PAD, multiple)
+    grouped = group_micro_batches(scores, torch.tensor([[0, 1, 2]]), 1000, multiple)
+    assert grouped is not None and grouped[0].input_ids_BT.shape == (3, multiple * -(-17 // multiple))
+    assert grouped[0].last_B.tolist() == [4, 16, 8]

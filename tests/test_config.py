@@ -42,6 +42,15 @@ def test_unknown_key_is_named(tmp_path: Path, base: dict) -> None:
         load_config(write_config(tmp_path, base))
 
 
+def test_a_removed_field_names_its_replacement(tmp_path: Path, base: dict) -> None:
+    """A knob that would silently do nothing is refused, with what to do instead, in one line."""
+    base["train"] = {"vllm_mode": "server"}
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path, base))
+    assert str(err.value).endswith("train.vllm_mode was removed: the vLLM engine always runs colocated with the "
+                                   "trainer (train.use_vllm: true); delete the key")  # fmt: skip
+
+
 def test_wrong_type_is_named(tmp_path: Path, base: dict) -> None:
     base["train"] = {"num_generations": "eight"}
     with pytest.raises(ConfigError, match=r"run\.yaml: train\.num_generations"):

@@ -106,3 +106,31 @@ def test_fp8_step_matches_bf16(megatron_tp1: None, recipe: str) -> None:
         disc.output_layer.weight.normal_(std=0.02)
         scores = disc(input_ids=ids_BT, position_ids=None, attention_mask=None)
     assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "tensorwise", "mxfp8"])
+def test_fp8_micro_batches_of_odd_lengths_run_once_padded(megatron_tp1: None, recipe: str) -> None:
+    """Rows of odd lengths, batched the trainer's way: micro-batches as wide as their longest row
+    would hand Transformer Engine an FP8 GEMM of 37 tokens; rounded up to the recipe's multiple
+    (``parallel.sequence_pad_multiple``'s default under fp8) every micro-batch runs."""
+    from gad_megatron.models.policy import build_gpt
+    from gad_megatron.models.precision import fp8_multiple
+    from gad_megatron.trainer.batching import build_batch, micro_batches
+
+    try:
+        check_precision_supported("fp8", recipe)  # type: ignore[arg-type]
+    except ConfigError as err:
+        pytest.skip(str(err))
+    hf_config = tiny_hf_config()
+    model = build_gpt(hf_config, "policy", initialize=True, **precision_overrides("fp8", recipe)).model  # type: ignore[arg-type]
+    lengths = [(11, 26), (3, 7), (20, 41), (5, 1)]  # prompt + response: 37, 10, 61, 6 tokens
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, hf_config.vocab_size, (p,), generator=gen).tolist() for p, _ in lengths]
+    responses = [torch.randint(1, hf_config.vocab_size, (r,), generator=gen).tolist() for _, r in lengths]
+    multiple = fp8_multiple(recipe)  # type: ignore[arg-type]
+    batch = build_batch(prompts, responses, 0, width_multiple=multiple)
+    for micro in micro_batches(batch, 80, multiple):
+        assert micro.input_ids_BT.numel() % multiple == 0 and micro.input_ids_BT.shape[1] % multiple == 0
+        logits_and_loss(model, micro.input_ids_BT.cuda())
+    with pytest.raises(Exception):  # the unpadded first micro-batch: 61 tokens
+        logits_and_loss(model, micro_batches(build_batch(prompts, responses, 0), 80)[0].input_ids_BT.cuda())

@@ -35,3 +35,30 @@ def test_warmup_and_gad_stages_on_cuda_with_nccl(tmp_path: Path, tiny_model_dir:
     assert [r["step"] for r in rows] == [1, 2]
     # bf16 trainer vs bf16 transformers engine: close, not equal (fp32 on a CPU agrees to 1e-4)
     assert all(abs(r["engine_logprob_diff"]) < 0.05 and abs(r["kl"]) < 0.05 for r in rows), rows
+
+
+def test_fp8_width_padding_on_cuda(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The FP8 padding path's shapes (widths rounded up to 16) through a bf16 GAD stage on the
+    GPU: the losses stay those of unpadded micro-batches, to bf16's rounding."""
+    config = write_tiny_setup(tmp_path, tiny_model_dir)
+    sets = ["parallel.precision=bf16", f"train.init_from={tiny_model_dir}", "train.max_steps=2"]
+    ok(gad(config, "gad", f"run_dir={tmp_path / 'plain'}", *sets))
+    ok(gad(config, "gad", f"run_dir={tmp_path / 'pad16'}", *sets, "parallel.sequence_pad_multiple=16"))
+    plain, padded = metrics(tmp_path / "plain" / "gad"), metrics(tmp_path / "pad16" / "gad")
+    for key in ("d_loss", "teacher_score", "student_score"):
+        assert [r[key] for r in padded] == pytest.approx([r[key] for r in plain], rel=2e-2, abs=2e-2), key
+
+
+def test_transformers_engine_generates_on_the_gpu(tmp_path: Path, tiny_model_dir: Path, tiny_tokenizer) -> None:
+    """Without train.use_vllm a GPU job's rollouts run on its GPU, not on the host."""
+    from gad_megatron.config import load_config
+    from gad_megatron.parallel.launch import destroy_distributed, init_distributed
+    from gad_megatron.trainer.run import _engine
+
+    init_distributed(1, 1, 0)
+    try:
+        cfg = load_config(write_tiny_setup(tmp_path, tiny_model_dir))
+        engine, _ = _engine(cfg, str(tiny_model_dir), tiny_tokenizer, torch.bfloat16)
+        assert engine.device.type == "cuda" and next(engine.model.parameters()).is_cuda
+    finally:
+        destroy_distributed()

@@ -1,8 +1,9 @@
 """VLLMEngine on a GPU with the pinned vLLM, against transformers on the same tiny random Llama.
 
-Weights reach vLLM only through ``update_weights`` (the engine starts from dummy weights), so
-matching transformers' log-probs shows the hand-off loads every tensor; a second model's update
-must replace them; sleep/wake must free and take back the memory. Skipped without CUDA and vLLM.
+The engine starts from the first model's checkpoint; every test loads the weights it compares
+against through ``update_weights`` first, and a second model's update must replace them, so
+matching transformers' log-probs shows the hand-off loads every tensor; sleep/wake must free and
+take back the memory. Skipped without CUDA and vLLM.
 """
 
 from __future__ import annotations
@@ -128,9 +129,11 @@ def test_sleep_frees_memory_and_wake_takes_it_back(engine: Any, models: list[tup
     torch.cuda.empty_cache()
     awake = torch.cuda.mem_get_info()[0]
 
-    engine.sleep()
+    engine.sleep(keep_weights=False)  # level 2: an update comes before the next generate
     asleep = torch.cuda.mem_get_info()[0]
     assert asleep - awake > 1 * GIB  # the KV cache (30% of the card) and the weights
+    with pytest.raises(RuntimeError, match="no valid weights"):
+        engine.generate(PROMPTS, greedy)
 
     engine.update_weights(model.state_dict().items())  # wakes the weights only
     torch.cuda.empty_cache()

@@ -171,6 +171,22 @@ def test_policy_loss_on_policy_values_and_empty_batch() -> None:
         policy_loss(lp, lp, adv, mask, 2, tis_cap=2.0)
 
 
+def test_k3_kl_is_bounded_per_token() -> None:
+    """k3 = e^d - d - 1 with d = ref - logprobs clamped to [-20, 20], then capped at 10 per token
+    (verl's low_var_kl): a token the policy has all but ruled out cannot dominate or overflow."""
+    lp = torch.tensor([[-60.0, -1.0, -2.0, -2.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -60.0, -1.5, -2.0]])  # d = 59 (clamped), -59 (clamped), 0.5, 0
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, metrics = policy_loss(lp, lp.detach(), torch.zeros(1, 4), mask, 4, ref, kl_beta=1.0)
+    loss.backward()
+    k3 = [10.0, math.exp(-20.0) + 20.0 - 1.0, math.exp(0.5) - 1.5, 0.0]  # capped, clamped d, plain, plain
+    assert metrics["kl"].item() == pytest.approx(min(k3[1], 10.0) / 4 + (k3[0] + k3[2] + k3[3]) / 4)
+    assert torch.isfinite(lp.grad).all()
+    # Outside the bounds the KL term has no gradient; inside it is -(e^d - 1) / n.
+    assert lp.grad[0, :2].tolist() == [0.0, 0.0]
+    assert lp.grad[0, 2].item() == pytest.approx(-(math.exp(0.5) - 1) / 4)
+
+
 TEACHER_P = torch.tensor([1.0, 0.0])
 STUDENT_PN = torch.tensor([[0.0, 1.0, 3.0], [0.0, -2.0, 0.0]])
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.tiny_run import write_tiny_setup
+from tests.helpers.tiny_run import TOPICS, write_tiny_setup
 from tests.helpers.torchrun import ENV, ROOT, free_port
 
 GAD_METRICS = {
@@ -97,28 +97,43 @@ def test_frozen_discriminator_and_ce_loss(chained: dict, tmp_path: Path) -> None
     assert metrics(tmp_path / "ce" / "warmup")[0]["d_loss"] > 0
 
 
-def test_warmup_stops_once_d_is_accurate(chained: dict, tmp_path: Path) -> None:
-    """``warmup_until_d_acc``: the stage ends at the first step whose last-3-step mean pair accuracy
-    reaches the target, and still exports final/ (GAD starts from it)."""
+def _window_means(accuracy: list[float]) -> list[float | None]:
+    """The early stop's 3-step means, by step (None before step 3)."""
+    return [None if s < 3 else sum(accuracy[s - 3 : s]) / 3 for s in range(1, len(accuracy) + 1)]
+
+
+def test_warmup_stops_once_d_is_accurate_never_before_g_trained(chained: dict, tmp_path: Path) -> None:
+    """``warmup_until_d_acc``: the stage ends at the first step past ``disc_only_steps`` whose
+    last-3-step mean pair accuracy reaches the target, and still exports final/ (GAD starts from
+    it). The target is taken from an uninterrupted run (runs are deterministic): the mean that
+    step 3, a D-only step, already reaches, so stopping there would hand GAD the untrained G."""
     from gad_megatron.trainer.run import d_accuracy_reached
 
     assert not d_accuracy_reached([1.0, 1.0], 0.5) and not d_accuracy_reached([0.9] * 5, None)
     assert d_accuracy_reached([0.0, 0.8, 0.9, 1.0], 0.9) and not d_accuracy_reached([1.0, 0.8, 0.9, 0.9], 0.9)
-    target = 0.05  # a random D already ranks some pairs right: the early stop fires at step 3
-    ok(gad(chained["config"], "warmup", f"run_dir={tmp_path}", "train.max_steps=6", f"train.warmup_until_d_acc={target}"))
-    rows = metrics(tmp_path / "warmup")
-    accuracy = [r["d_acc"] for r in rows]
-    assert len(rows) == 3 and sum(accuracy) / 3 >= target, accuracy
-    assert (tmp_path / "warmup" / "final" / "COMPLETE").is_file()
-    # Resumed after step 2, the window still holds steps 1-2: the stop comes at step 3 again.
+    sets = ("train.max_steps=6", "train.disc_only_steps=3", "train.save_steps=100")
+    ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'full'}", *sets))
+    accuracy = [r["d_acc"] for r in metrics(tmp_path / "full" / "warmup")]
+    means = _window_means(accuracy)
+    target = means[2]
+    assert target > 0, accuracy
+    stop = next((s for s in range(4, 7) if means[s - 1] >= target - 1e-9), 6)
+    ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'early'}", *sets, f"train.warmup_until_d_acc={target}"))
+    rows = metrics(tmp_path / "early" / "warmup")
+    assert [r["step"] for r in rows] == list(range(1, stop + 1)) and stop > 3
+    assert [r["d_acc"] for r in rows] == accuracy[:stop]
+    assert "sft_loss" in rows[-1], "G had its SFT steps before the warmup ended"
+    assert (tmp_path / "early" / "warmup" / "final" / "COMPLETE").is_file()
+    # Resumed after step 2, the window still holds steps 1-2: the stop comes at the same step.
     resumed = tmp_path / "resumed"
-    ok(gad(chained["config"], "warmup", f"run_dir={resumed}", "train.max_steps=2", "train.keep_resume_states=1"))
+    ok(gad(chained["config"], "warmup", f"run_dir={resumed}", *sets[1:], "train.max_steps=2",
+           "train.keep_resume_states=1", "train.save_steps=2"))  # fmt: skip
     meta = json.loads((resumed / "warmup" / "megatron" / "iter_0000002" / "meta.json").read_text())
-    assert meta["extra_state"]["d_acc_recent"] == [r["d_acc"] for r in metrics(resumed / "warmup")]
+    assert meta["extra_state"]["d_acc_recent"] == accuracy[:2]
     (resumed / "warmup" / "final" / "COMPLETE").unlink()  # a run that died while exporting final/
-    ok(gad(chained["config"], "warmup", f"run_dir={resumed}", "train.max_steps=6", f"train.warmup_until_d_acc={target}",
+    ok(gad(chained["config"], "warmup", f"run_dir={resumed}", *sets, f"train.warmup_until_d_acc={target}",
            resume=True))  # fmt: skip
-    assert [r["step"] for r in metrics(resumed / "warmup")] == [1, 2, 3]
+    assert [r["step"] for r in metrics(resumed / "warmup")] == list(range(1, stop + 1))
 
 
 def test_seqkd_stage(chained: dict, tmp_path: Path) -> None:
@@ -127,6 +142,45 @@ def test_seqkd_stage(chained: dict, tmp_path: Path) -> None:
     assert len(rows) == 3 and all(r["sft_loss"] > 0 for r in rows)
     assert rows[-1]["sft_loss"] < rows[0]["sft_loss"]
     assert (tmp_path / "seqkd" / "final" / "model.safetensors").is_file()
+
+
+def _other_tokenizer_model(out: Path) -> Path:
+    """A tiny Llama with a word-level tokenizer of its own (not SmolLM2's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[EOS]", *sorted({w for t in TOPICS for w in ("fact", "about", t)})]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        eos_token="[EOS]")  # fmt: skip
+    config = LlamaConfig(vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_a_discriminator_of_another_tokenizer_is_refused(chained: dict, tmp_path: Path) -> None:
+    """D scores the generator's token ids: a D from another family would read wrong ids."""
+    other = _other_tokenizer_model(tmp_path / "other")
+    proc = gad(chained["config"], "warmup", f"run_dir={tmp_path / 'run'}", f"train.discriminator={other}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = [x for x in proc.stderr.splitlines() if x.startswith("gad: error:")]
+    assert len(line) == 1 and f"train.discriminator: {other} has another tokenizer than the generator" in line[0]
+    assert not (tmp_path / "run" / "warmup" / "megatron").exists()
+
+
+def test_fp8_width_padding_leaves_the_losses_unchanged(chained: dict, tmp_path: Path) -> None:
+    """Micro-batches padded to widths of 16 (what FP8 GEMMs need; right padding, masked): the same
+    D and G losses and KL as unpadded, step by step (fp32 on CPU: only the shapes differ)."""
+    warm = chained["warmup"] / "final"
+    sets = [f"train.init_from={warm}", "train.max_steps=2", "train.save_steps=100"]
+    ok(gad(chained["config"], "gad", f"run_dir={tmp_path / 'plain'}", *sets))
+    ok(gad(chained["config"], "gad", f"run_dir={tmp_path / 'pad16'}", *sets, "parallel.sequence_pad_multiple=16"))
+    plain, padded = metrics(tmp_path / "plain" / "gad"), metrics(tmp_path / "pad16" / "gad")
+    for key in ("d_loss", "policy_loss", "kl", "grad_norm_g", "grad_norm_d", "engine_logprob_diff_max"):
+        assert [r[key] for r in padded] == pytest.approx([r[key] for r in plain], abs=2e-5), key
 
 
 def test_config_errors_come_before_any_model_loads(chained: dict, tmp_path: Path) -> None:

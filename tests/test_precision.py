@@ -111,6 +111,45 @@ def test_fp8_recipe_missing_from_transformer_engine(tmp_path: Path, monkeypatch:
     assert "needs transformer_engine.common.recipe.Float8BlockScaling, missing in Transformer Engine 2.20.0" in message
 
 
+def test_mxfp8_is_refused_on_compute_capability_12(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   fake_gpu: types.ModuleType) -> None:  # fmt: skip
+    """A config error before any model, not a failure at the first forward: TE 2.20 has MXFP8
+    GEMMs for 10.x only."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA RTX PRO 6000")
+    message = raised(tmp_path, "mxfp8")
+    assert "mxfp8 runs on compute capability 10.x only; NVIDIA RTX PRO 6000 is 12.0" in message
+    check_precision_supported("fp8", "blockwise")
+
+
+def test_fp8_shapes_per_tp_rank() -> None:
+    """Every GEMM dimension of one TP rank a multiple of 16 (MXFP8: 32), named when it is not."""
+    from transformers import LlamaConfig
+
+    from gad_megatron.models.precision import check_fp8_shapes, fp8_shape_problems
+
+    def llama(hidden: int, heads: int, kv: int, ffn: int) -> LlamaConfig:
+        return LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=ffn)
+
+    qwen7b = llama(3584, 28, 4, 18944)
+    assert fp8_shape_problems(qwen7b, 1, "blockwise") == fp8_shape_problems(qwen7b, 4, "blockwise") == []
+    assert fp8_shape_problems(qwen7b, 8, "mxfp8") == []
+    assert fp8_shape_problems(llama(512, 8, 2, 1000), 2, "blockwise") == ["intermediate_size / TP = 500"]
+    smol = llama(576, 9, 3, 1536)  # SmolLM2-135M: head_dim 64
+    assert fp8_shape_problems(smol, 1, "blockwise") == fp8_shape_problems(smol, 1, "mxfp8") == []
+    odd = llama(528, 6, 2, 1024)  # head_dim 88: multiples of 16, not of 32
+    assert fp8_shape_problems(odd, 1, "blockwise") == []
+    assert fp8_shape_problems(odd, 1, "mxfp8") == [
+        "hidden_size = 528", "query/key/value rows per TP rank ((heads + 2 kv_heads) x head_dim / TP) = 880",
+        "attention output columns per TP rank (heads x head_dim / TP) = 528"]  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        check_fp8_shapes(llama(104, 4, 2, 256), 1, "blockwise", "the generator")
+    assert str(err.value) == (
+        "parallel.precision: fp8 needs every GEMM dimension of the generator to be a multiple of 16 (blockwise "
+        "recipe, TP=1); not: hidden_size = 104; attention output columns per TP rank (heads x head_dim / TP) = 104: "
+        "use precision: bf16 or another tensor_parallel")  # fmt: skip
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_supported_fp8_passes(monkeypatch: pytest.MonkeyPatch, fake_gpu: types.ModuleType, recipe: str) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))

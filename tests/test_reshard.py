@@ -100,10 +100,10 @@ def test_rollout_seed_is_a_stable_function_of_seed_step_rank() -> None:
 def test_rollout_step_reproducible_across_resume(engine: TransformersEngine, encoder: TextEncoder,
                                                  tiny_model_dir: Path) -> None:  # fmt: skip
     settings = RolloutSettings(n=3, max_tokens=6, temperature=1.0)
-    first = rollout_step(engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=3, rank=0)
+    first = rollout_step(engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=3, replica=0)
     resumed_engine = TransformersEngine.from_pretrained(str(tiny_model_dir))  # a fresh process, same weights
-    resumed = rollout_step(resumed_engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=3, rank=0)
-    next_step = rollout_step(engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=4, rank=0)
+    resumed = rollout_step(resumed_engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=3, replica=0)
+    next_step = rollout_step(engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=4, replica=0)
     assert resumed == first and next_step != first
     assert [r.prompt_index for r in first] == [0, 0, 0, 1, 1, 1]
     for r in first:

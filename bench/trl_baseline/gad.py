@@ -253,7 +253,7 @@ def _grpo_config(cfg: RunConfig, stage: str) -> GRPOConfig:
         scale_rewards="group",
         entropy_coef=0.0,
         use_vllm=t.use_vllm,
-        vllm_mode=t.vllm_mode,
+        vllm_mode="colocate",
         log_completions=False,
         shuffle_dataset=True,
     )

@@ -45,6 +45,43 @@ RECIPE_NEEDS: dict[str, tuple[str, tuple[int, int], tuple[int, int]]] = {
 }
 
 
+# Transformer Engine 2.20 runs MXFP8 GEMMs on Blackwell datacenter GPUs (10.x) only.
+MXFP8_MAX_CC = (12, 0)
+
+
+def fp8_multiple(fp8_recipe: Fp8RecipeName) -> int:
+    """What every FP8 GEMM dimension must be a multiple of: TE needs the token count divisible
+    by 8 and the last dimension by 16 for the per-tensor and blockwise recipes, 32 and 32 for
+    MXFP8. One number for both keeps the rule simple (16 covers 8)."""
+    return 32 if fp8_recipe == "mxfp8" else 16
+
+
+def fp8_shape_problems(hf_config: Any, tensor_parallel: int, fp8_recipe: Fp8RecipeName) -> list[str]:
+    """Dimensions of this model's FP8 GEMMs (one TP rank's linear layers) that Transformer Engine
+    would refuse at the first forward: ``"name = value"`` for each that is not a multiple of
+    :func:`fp8_multiple`. Empty when the model can run in FP8 at this TP size."""
+    m = fp8_multiple(fp8_recipe)
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    dims = {
+        "hidden_size": hf_config.hidden_size,
+        "query/key/value rows per TP rank ((heads + 2 kv_heads) x head_dim / TP)":
+            (heads + 2 * kv_heads) * head_dim // tensor_parallel,
+        "attention output columns per TP rank (heads x head_dim / TP)": heads * head_dim // tensor_parallel,
+        "intermediate_size / TP": hf_config.intermediate_size // tensor_parallel,
+    }  # fmt: skip
+    return [f"{name} = {value}" for name, value in dims.items() if value % m]
+
+
+def check_fp8_shapes(hf_config: Any, tensor_parallel: int, fp8_recipe: Fp8RecipeName, what: str) -> None:
+    """:class:`ConfigError` (one line) when ``what``'s GEMMs cannot run in FP8 at this TP size."""
+    problems = fp8_shape_problems(hf_config, tensor_parallel, fp8_recipe)
+    if problems:
+        raise ConfigError(f"parallel.precision: fp8 needs every GEMM dimension of {what} to be a multiple of "
+                          f"{fp8_multiple(fp8_recipe)} ({fp8_recipe} recipe, TP={tensor_parallel}); not: "
+                          f"{'; '.join(problems)}: use precision: bf16 or another tensor_parallel")  # fmt: skip
+
+
 def precision_overrides(precision: Precision, fp8_recipe: Fp8RecipeName = "blockwise") -> dict[str, Any]:
     """TransformerConfig kwargs for ``precision`` (pass them as ``build_gpt(**config_overrides)``).
 
@@ -96,6 +133,10 @@ def check_precision_supported(precision: Precision, fp8_recipe: Fp8RecipeName = 
                           f"{GPU_EXTRA}") from None  # fmt: skip
     recipe_class, min_cc, min_cuda = RECIPE_NEEDS[fp8_recipe]
     cc = torch.cuda.get_device_capability()
+    if fp8_recipe == "mxfp8" and cc >= MXFP8_MAX_CC:
+        raise ConfigError(f"parallel.fp8_recipe: mxfp8 runs on compute capability 10.x only; "
+                          f"{torch.cuda.get_device_name()} is {cc[0]}.{cc[1]} (Transformer Engine 2.20 has no "
+                          "MXFP8 GEMM for it): use fp8_recipe: blockwise or tensorwise")  # fmt: skip
     if cc < min_cc:
         raise ConfigError(f"parallel.fp8_recipe: {fp8_recipe} needs a GPU of compute capability >= "
                           f"{min_cc[0]}.{min_cc[1]}; {torch.cuda.get_device_name()} is {cc[0]}.{cc[1]}: "

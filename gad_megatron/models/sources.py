@@ -141,13 +141,18 @@ def make_tiny_model(
     layers: int = 2,
     hidden: int = 64,
     seed: int = 0,
+    family: str = "llama",
 ) -> Path:
-    """Build a tiny random Llama-family causal LM with a real tokenizer and chat template (for tests)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """Build a tiny random causal LM (``family`` llama, tied embeddings, or qwen2, untied with QKV
+    biases) with a real tokenizer and chat template (for tests). 4 heads and 2 KV heads of
+    dimension ``hidden / 4``: 16 at the default; ``hidden`` 256 gives 64, which vLLM's CPU
+    attention needs."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(tokenizer_spec)
-    config = LlamaConfig(
+    config_class, tied = {"llama": (LlamaConfig, True), "qwen2": (Qwen2Config, False)}[family]
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 2,
@@ -155,7 +160,7 @@ def make_tiny_model(
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

@@ -68,8 +68,10 @@ class InferenceEngine(Protocol):
         """Load HF-named full tensors; every parameter of the model must come exactly once."""
         ...
 
-    def sleep(self) -> None:
-        """Release weights and caches' memory while the trainer runs (no-op where not needed)."""
+    def sleep(self, keep_weights: bool = True) -> None:
+        """Release weights and caches' memory while the trainer runs (no-op where not needed).
+        ``keep_weights=False`` may drop the weights outright: the caller promises an
+        ``update_weights`` before the next ``generate``."""
         ...
 
     def wake(self) -> None:

@@ -115,7 +115,8 @@ class TransformersEngine:
         """``sampling.n`` completions per prompt, grouped by prompt in prompt order."""
         _validate(prompt_token_ids, sampling)
         if self._weights_invalid:
-            raise RuntimeError("generate: the engine's weights are not loaded (no successful update_weights yet)")
+            raise RuntimeError("generate: the engine holds no valid weights (none loaded yet, a failed update_weights, "
+                               "or sleep(keep_weights=False) since the last update)")  # fmt: skip
         rows = [ids for ids in prompt_token_ids for _ in range(sampling.n)]
         generator = torch.Generator(self.device)
         if sampling.seed is None:
@@ -179,9 +180,13 @@ class TransformersEngine:
 
     # ---------------------------------------------------------------- memory
 
-    def sleep(self) -> None:
-        """No-op: the KV cache only lives inside ``generate``, and weights in host memory have no
-        cheaper place to go (dropping them would mean a full reload at ``wake``)."""
+    def sleep(self, keep_weights: bool = True) -> None:
+        """The KV cache only lives inside ``generate``, and the weights stay in memory (a model
+        small enough for this engine does not need it back). ``keep_weights=False`` still holds
+        the caller to its promise, as vLLM's level-2 sleep does: ``generate`` refuses until the
+        next ``update_weights``."""
+        if not keep_weights:
+            self._weights_invalid = True
 
     def wake(self) -> None:
         """No-op, see ``sleep``."""

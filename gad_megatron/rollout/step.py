@@ -6,8 +6,9 @@ text re-encoded by :meth:`TextEncoder.encode` exactly like the teacher's text (s
 template, ``response.strip()``, same end-of-turn; see docs/decisions.md "Text path"). A
 completion cut by the token budget gets no end-of-turn, like a teacher response that fills it.
 
-Sampling is seeded from ``(run seed, step, rank)``, so a run resumed at step ``s`` samples the
-same rollouts as the original run did at ``s`` (given the same weights).
+Sampling is seeded from ``(run seed, step, replica)``, so a run resumed at step ``s`` samples the
+same rollouts as the original run did at ``s`` (given the same weights); every rank of one engine
+replica gets the same seed (:mod:`gad_megatron.rollout.replicas`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from gad_megatron.data import Messages
 from gad_megatron.discriminator import TextEncoder
@@ -47,16 +49,29 @@ class Rollout:
         return len(self.token_ids)
 
 
-def rollout_seed(run_seed: int, step: int, rank: int) -> int:
+def rollout_seed(run_seed: int, step: int, replica: int) -> int:
     """A 63-bit sampling seed, a pure function of its arguments (stable across processes and
-    Python versions, unlike ``hash``), different for every step and rank."""
-    digest = hashlib.blake2b(f"gad-rollout:{run_seed}:{step}:{rank}".encode(), digest_size=8).digest()
+    Python versions, unlike ``hash``), different for every step and engine replica."""
+    digest = hashlib.blake2b(f"gad-rollout:{run_seed}:{step}:{replica}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
 
 
+def special_token_ids(tokenizer: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens: the named ones and every added token marked special."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
 def stop_token_ids(encoder: TextEncoder) -> tuple[int, ...]:
-    """The tokens that end a completion: the first end-of-turn token of the chat template and eos."""
-    candidates = (encoder.end_of_turn_ids()[0], encoder.tokenizer.eos_token_id)
+    """The tokens that end a completion: the chat template's end-of-turn token and eos.
+
+    The end-of-turn token is the first *special* token of the template's assistant suffix: a
+    suffix such as ``" <|im_end|>"`` starts with a plain space piece, which would stop a
+    completion at its first space.
+    """
+    special = special_token_ids(encoder.tokenizer)
+    end_of_turn = next((t for t in encoder.end_of_turn_ids() if t in special), None)
+    candidates = (end_of_turn, encoder.tokenizer.eos_token_id)
     return tuple(dict.fromkeys(t for t in candidates if t is not None))
 
 
@@ -79,7 +94,7 @@ def to_rollout(completion: Completion, prompt: Messages, d_encoder: TextEncoder)
 
 def rollout_step(
     engine: InferenceEngine, prompts: Sequence[Messages], policy_encoder: TextEncoder, d_encoder: TextEncoder,
-    settings: RolloutSettings, run_seed: int, step: int, rank: int,
+    settings: RolloutSettings, run_seed: int, step: int, replica: int,
 ) -> list[Rollout]:  # fmt: skip
     """``settings.n`` rollouts per prompt, grouped by prompt in prompt order.
 
@@ -92,7 +107,7 @@ def rollout_step(
             f"max_response_length={d_encoder.max_response_length}: teacher and rollouts would be cut differently"
         )
     prompt_ids = [policy_encoder.prompt_ids(p) for p in prompts]
-    params = sampling_params(settings, policy_encoder, rollout_seed(run_seed, step, rank))
+    params = sampling_params(settings, policy_encoder, rollout_seed(run_seed, step, replica))
     completions = engine.generate(prompt_ids, params)
     return [to_rollout(c, prompts[c.prompt_index], d_encoder) for c in completions]
 

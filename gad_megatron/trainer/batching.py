@@ -11,6 +11,9 @@ length spread inside a micro-batch (a GAD batch mixes prompts of 20 to 250 token
 answers longer than any rollout: one width for all rows padded 40-75% of the tokens).
 Shapes differ between micro-batches, so pipeline stages exchange them first
 (``variable_seq_lengths``, set by :func:`gad_megatron.models.families.transformer_config_from_hf`).
+``width_multiple`` rounds every width up (right padding, masked like any other): Transformer
+Engine's FP8 GEMMs need the token count and the hidden sizes to be multiples of 16 (MXFP8: 32),
+and a micro-batch as wide as its longest row would crash them at its first odd length.
 D's micro-batches can instead hold whole groups (a teacher answer and its N rollouts): D's
 pair loss then needs no row outside the micro-batch (:func:`group_micro_batches`).
 
@@ -74,12 +77,16 @@ class ScoreBatch:
         return self.last_B + 1
 
 
-def build_score_batch(sequences: Sequence[Sequence[int]], pad_id: int) -> ScoreBatch:
-    """Right-padded rows, numbered in the order given."""
+def round_up(width: int, multiple: int) -> int:
+    return -(-width // multiple) * multiple
+
+
+def build_score_batch(sequences: Sequence[Sequence[int]], pad_id: int, width_multiple: int = 1) -> ScoreBatch:
+    """Right-padded rows, numbered in the order given, as wide as the longest rounded up to ``width_multiple``."""
     lengths = torch.tensor([len(s) for s in sequences])
     if not len(sequences) or bool((lengths == 0).any()):
         raise ValueError("need at least one sequence and no empty one")
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    ids = torch.full((len(sequences), round_up(int(lengths.max()), width_multiple)), pad_id, dtype=torch.long)
     for i, seq in enumerate(sequences):
         ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     return ScoreBatch(ids, lengths - 1, torch.arange(len(sequences)))
@@ -94,14 +101,15 @@ def build_batch(
     pad_id: int,
     advantages: Sequence[float] | None = None,
     engine_logprobs: Sequence[Sequence[float]] | None = None,
+    width_multiple: int = 1,
 ) -> TokenBatch:
-    """Rows ``prompt_i + response_i``, right-padded to the longest. ``engine_logprobs[i][j]`` is
-    the engine's log-prob of ``responses[i][j]``; ``advantages[i]`` applies to all of row i's
-    response tokens."""
+    """Rows ``prompt_i + response_i``, right-padded to the longest (rounded up to ``width_multiple``).
+    ``engine_logprobs[i][j]`` is the engine's log-prob of ``responses[i][j]``; ``advantages[i]``
+    applies to all of row i's response tokens."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need as many prompts as responses (> 0), got {len(prompts)} and {len(responses)}")
     lengths = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses)])
-    width, rows = int(lengths.max()), len(prompts)
+    width, rows = round_up(int(lengths.max()), width_multiple), len(prompts)
     input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     target_ids = torch.full((rows, width), pad_id, dtype=torch.long)
     mask = torch.zeros(rows, width)
@@ -122,35 +130,38 @@ def build_batch(
     return TokenBatch(input_ids, target_ids, mask, lengths, starts, adv, engine, torch.arange(rows))
 
 
-def micro_batches(batch: Batch, token_budget: int) -> list[Batch]:
+def micro_batches(batch: Batch, token_budget: int, width_multiple: int = 1) -> list[Batch]:
     """Split ``batch`` into micro-batches of at most ``token_budget`` tokens (one row at least).
 
-    Rows go longest first; a micro-batch is cut to the width of its first (longest) row and
-    takes ``max(1, token_budget // width)`` rows. ``row_ids_B`` keeps each row's place in
-    ``batch``.
+    Rows go longest first; a micro-batch is cut to the width of its first (longest) row, rounded
+    up to ``width_multiple`` (``batch`` must be built with the same), and takes
+    ``max(1, token_budget // width)`` rows. ``row_ids_B`` keeps each row's place in ``batch``.
     """
-    return _pack(batch, torch.arange(len(batch.lengths_B))[:, None], token_budget)
+    return _pack(batch, torch.arange(len(batch.lengths_B))[:, None], token_budget, width_multiple)
 
 
-def group_micro_batches(batch: ScoreBatch, groups_GK: torch.Tensor, token_budget: int) -> list[ScoreBatch] | None:
+def group_micro_batches(batch: ScoreBatch, groups_GK: torch.Tensor, token_budget: int,
+                        width_multiple: int = 1) -> list[ScoreBatch] | None:  # fmt: skip
     """Micro-batches of whole groups: group g is rows ``groups_GK[g]``, kept together and in that
     order, so a micro-batch's rows reshape to [groups, K]. Groups go widest first, as rows do
     in :func:`micro_batches`. None when one group alone exceeds ``token_budget``.
     """
-    widest = int(batch.lengths_B[groups_GK].max())
+    widest = round_up(int(batch.lengths_B[groups_GK].max()), width_multiple)
     if widest * groups_GK.shape[1] > token_budget:
         return None
-    return _pack(batch, groups_GK, token_budget)
+    return _pack(batch, groups_GK, token_budget, width_multiple)
 
 
-def _pack(batch: Batch, groups_GK: torch.Tensor, token_budget: int) -> list[Batch]:
+def _pack(batch: Batch, groups_GK: torch.Tensor, token_budget: int, width_multiple: int) -> list[Batch]:
     """Groups of K rows, widest first, as many per micro-batch as fit ``token_budget`` (one at least)."""
     widths_G = batch.lengths_B[groups_GK].amax(dim=1)
     order = torch.argsort(widths_G, descending=True, stable=True)
+    if round_up(int(widths_G.max()), width_multiple) > batch.input_ids_BT.shape[1]:
+        raise ValueError(f"build the batch with width_multiple={width_multiple} too")
     out: list[Batch] = []
     start = 0
     while start < len(order):
-        width = int(widths_G[order[start]])
+        width = round_up(int(widths_G[order[start]]), width_multiple)
         take = order[start : start + max(1, token_budget // (width * groups_GK.shape[1]))]
         out.append(_take_rows(batch, groups_GK[take].reshape(-1), width))
         start += len(take)

@@ -126,7 +126,9 @@ def policy_gradient_update(
         )  # fmt: skip
         metrics["ratio_dev_max"] = metrics.pop("ratio_max_dev")
         metrics["entropy"] = (entropy * mask).sum()
-        metrics["engine_logprob_diff"] = ((logprobs.detach() - batch.engine_logprobs_BT.to(device)) * mask).sum()
+        engine_diff = (logprobs.detach() - batch.engine_logprobs_BT.to(device)) * mask
+        metrics["engine_logprob_diff"] = engine_diff.sum()
+        metrics["engine_logprob_diff_max"] = engine_diff.abs().max()
         metrics["policy_tokens"] = mask.sum()
         return value, mask.sum().to(torch.int), metrics
 

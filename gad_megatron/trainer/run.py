@@ -25,6 +25,7 @@ import torch
 from gad_megatron import checkpoint, preemption
 from gad_megatron.config import ConfigError, RunConfig, save_resolved_config
 from gad_megatron.discriminator import TextEncoder
+from gad_megatron.rollout.replicas import Replicas
 from gad_megatron.rollout.step import RolloutSettings
 from gad_megatron.trainer.actor import TRAINING_OVERRIDES, build_actor
 from gad_megatron.trainer.metrics import MetricsLogger, NonFiniteError, check_finite, estimate_mfu, peak_flops
@@ -33,7 +34,6 @@ from gad_megatron.trainer.setup import (
     DEFAULT_LR,
     DISCRIMINATOR_DIR,
     StepPlan,
-    data_parallel_share,
     stage_dir,
     stage_models,
     training_records,
@@ -65,28 +65,90 @@ def _tis_cap(cfg: RunConfig) -> float | None:
     return cfg.train.tis_cap if cfg.train.tis_cap is not None or _precision(cfg) != "fp8" else 2.0
 
 
-def _engine(cfg: RunConfig, hf_dir: str, tokenizer: Any, dtype: torch.dtype) -> Any | None:
-    """The rollout engine, on the first rank of each model-parallel group (None elsewhere)."""
-    from megatron.core import parallel_state
+def _width_multiple(cfg: RunConfig) -> int:
+    """Micro-batch widths are rounded up to this: FP8 GEMMs need multiples of 16 (MXFP8: 32)."""
+    from gad_megatron.models.precision import fp8_multiple
 
-    if cfg.train.use_vllm:
-        from gad_megatron.rollout.vllm_engine import VLLMEngine
+    p = cfg.parallel
+    if p.precision != "fp8":
+        return p.sequence_pad_multiple or 1
+    need = fp8_multiple(p.fp8_recipe)
+    if p.sequence_pad_multiple is not None and p.sequence_pad_multiple % need:
+        raise ConfigError(f"parallel.sequence_pad_multiple={p.sequence_pad_multiple}: fp8 ({p.fp8_recipe}) needs a "
+                          f"multiple of {need}")  # fmt: skip
+    return p.sequence_pad_multiple or need
 
-        return VLLMEngine(hf_dir, tokenizer, tensor_parallel_size=cfg.parallel.rollout_tensor_parallel,
-                          gpu_memory_utilization=cfg.parallel.rollout_gpu_memory_utilization, seed=cfg.seed,
-                          dtype=str(dtype).removeprefix("torch."))  # fmt: skip
-    leader = torch.distributed.get_process_group_ranks(parallel_state.get_model_parallel_group())[0]
-    if torch.distributed.get_rank() != leader:
-        return None
+
+def _check_before_models(cfg: RunConfig, world_size: int) -> None:
+    """What the config and the models' HF configs can refuse before any weight loads."""
     from transformers import AutoConfig
 
+    from gad_megatron.models.precision import check_fp8_shapes
+    from gad_megatron.models.sources import resolve_model_path
+    from gad_megatron.rollout.replicas import check_rollout_layout
+
+    check_rollout_layout(world_size, cfg.parallel.rollout_tensor_parallel, cfg.train.use_vllm)
+    _width_multiple(cfg)
+    if _precision(cfg) == "fp8":
+        generator, d_spec = stage_models(cfg, cfg.train.stage)
+        for what, spec in (("the generator", generator), ("the discriminator", d_spec)):
+            if Path(spec).is_dir() or not spec.startswith((".", "/", "~")):
+                hf = AutoConfig.from_pretrained(resolve_model_path(spec), trust_remote_code=cfg.trust_remote_code)
+                check_fp8_shapes(hf, cfg.parallel.tensor_parallel, cfg.parallel.fp8_recipe, what)
+
+
+def check_same_tokenizer(generator_tokenizer: Any, d_spec: str, trust_remote_code: bool = False) -> None:
+    """D reads the generator's token ids: refuse a D whose vocabulary differs (one line)."""
+    from gad_megatron.models.sources import load_tokenizer
+
+    d_vocab = load_tokenizer(d_spec, trust_remote_code).get_vocab()
+    g_vocab = generator_tokenizer.get_vocab()
+    if d_vocab != g_vocab:
+        differ = len(set(d_vocab.items()) ^ set(g_vocab.items())) // 2
+        raise ConfigError(f"train.discriminator: {d_spec} has another tokenizer than the generator ({len(d_vocab)} vs "
+                          f"{len(g_vocab)} tokens, about {differ} ids differ): D scores the generator's token ids, "
+                          "so it must come from the same model family")  # fmt: skip
+
+
+def _engine(cfg: RunConfig, hf_dir: str, tokenizer: Any, dtype: torch.dtype) -> tuple[Any | None, Replicas]:
+    """The rollout engine of this rank (None where it hosts none) and the job's engine replicas.
+
+    vLLM: an engine on every rank, replicas of ``rollout_tensor_parallel`` consecutive ranks.
+    transformers: one engine on the first rank of each model-parallel group, on its device.
+    """
+    from megatron.core import parallel_state
+    from transformers import AutoConfig
+
+    from gad_megatron.models.policy import model_device
+
+    hf_config = AutoConfig.from_pretrained(hf_dir)
+    world = torch.distributed.get_world_size()
+    if cfg.train.use_vllm:
+        from gad_megatron.rollout.vllm_engine import VLLMEngine, kv_cache_bytes
+
+        size = cfg.parallel.rollout_tensor_parallel
+        max_len = min(cfg.data.max_prompt_length + cfg.train.max_response_length, hf_config.max_position_embeddings)
+        t = cfg.train  # CPU: a cache for one replica's share of a step's rollouts at full length
+        rows = -(-t.batch_prompts // (world // size)) * t.num_generations
+        kv_bytes = None if torch.cuda.is_available() else kv_cache_bytes(hf_config, rows, max_len, dtype)
+        engine = VLLMEngine(hf_dir, tokenizer, tensor_parallel_size=size, seed=cfg.seed,
+                            gpu_memory_utilization=cfg.parallel.rollout_gpu_memory_utilization,
+                            dtype=str(dtype).removeprefix("torch."), max_model_len=max_len, kv_cache_bytes=kv_bytes)  # fmt: skip
+        return engine, Replicas.of(range(world), size)
     from gad_megatron.rollout.hf_engine import TransformersEngine
 
-    return TransformersEngine.from_config(AutoConfig.from_pretrained(hf_dir), tokenizer, dtype=dtype)
+    leader = torch.distributed.get_process_group_ranks(parallel_state.get_model_parallel_group())[0]
+    hosting = torch.distributed.get_rank() == leader
+    hosts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(hosts, hosting)
+    engine = TransformersEngine.from_config(hf_config, tokenizer, dtype=dtype, device=model_device()) if hosting else None
+    return engine, Replicas.of([r for r, hosting in enumerate(hosts) if hosting], 1)
 
 
 def build_context(cfg: RunConfig, stage: str) -> tuple[StepContext, StepPlan, list[dict[str, Any]], Any]:
     """Models, optimizers, engine and data of ``stage``; the policy's weights synced to the engine."""
+    from megatron.core import parallel_state
+
     from gad_megatron.models.discriminator import load_discriminator
     from gad_megatron.models.policy import build_policy
     from gad_megatron.models.sources import load_tokenizer, resolve_model_path
@@ -98,6 +160,8 @@ def build_context(cfg: RunConfig, stage: str) -> tuple[StepContext, StepPlan, li
         raise ConfigError(f"gad starts from the warmup stage's output: {generator_spec} not found (run --stage warmup)")
     generator = resolve_model_path(generator_spec)
     tokenizer = load_tokenizer(generator, cfg.trust_remote_code)
+    if stage != "seqkd":
+        check_same_tokenizer(tokenizer, resolve_model_path(d_spec), cfg.trust_remote_code)
     records = training_records(cfg, tokenizer)
     plan = StepPlan.of(len(records), t.batch_prompts, t.epochs or DEFAULT_EPOCHS[stage], t.max_steps, cfg.seed)
     overrides = _model_overrides(cfg)
@@ -108,12 +172,15 @@ def build_context(cfg: RunConfig, stage: str) -> tuple[StepContext, StepPlan, li
         d_lm = load_discriminator(resolve_model_path(d_spec), dtype, seed=cfg.seed, **overrides)
         if not (stage == "gad" and t.freeze_discriminator):
             d = build_actor(d_lm, t.disc_learning_rate, t.max_grad_norm, cfg.parallel.distributed_optimizer)
-    ref = build_policy(generator, dtype) if stage == "gad" and t.beta > 0 else None
-    engine = _engine(cfg, generator, tokenizer, dtype) if stage != "seqkd" else None
+    # The KL reference computes exactly as G does (same precision: under fp8, a bf16 reference
+    # would put a KL between G and its own copy).
+    ref = build_policy(generator, dtype, **overrides) if stage == "gad" and t.beta > 0 else None
+    engine, replicas = _engine(cfg, generator, tokenizer, dtype) if stage != "seqkd" else (None, Replicas(()))
     if stage != "seqkd":
         sync_weights(g.lm, None, engine)
     ctx = StepContext(
-        g=g, d_lm=d_lm, d=d, ref=ref, engine=engine,
+        g=g, d_lm=d_lm, d=d, ref=ref, engine=engine, replicas=replicas, width_multiple=_width_multiple(cfg),
+        dp_rank=parallel_state.get_data_parallel_rank(), dp_size=parallel_state.get_data_parallel_world_size(),
         encoder=TextEncoder(tokenizer, cfg.data.max_prompt_length, t.max_response_length),
         rollout=RolloutSettings(n=t.num_generations, max_tokens=t.max_response_length, temperature=t.temperature),
         token_budget=cfg.parallel.micro_batch_tokens, disc_loss=t.disc_loss, clip=t.epsilon, kl_beta=t.beta,
@@ -197,8 +264,6 @@ def _export_hf(ctx: StepContext, out: Path, tokenizer: Any) -> Path:
 
 def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
     """Run ``cfg.train.stage``; return its exported ``final/`` directory."""
-    from megatron.core import parallel_state
-
     from gad_megatron.models.precision import check_precision_supported
     from gad_megatron.parallel.launch import init_distributed
 
@@ -213,6 +278,7 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
     check_precision_supported("fp8" if cfg.parallel.precision == "fp8" else _precision(cfg), cfg.parallel.fp8_recipe)
     preemption.install()  # before the models load, which takes the longest
     launch = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.seed)
+    _check_before_models(cfg, launch.world_size)
     ctx, plan, records, tokenizer = build_context(cfg, stage)
     ckpt_dir = out_dir / "megatron"
     if launch.rank == 0:
@@ -227,19 +293,19 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
         save_resolved_config(cfg, out_dir)
     torch.distributed.barrier()
     start, d_accuracy = _resume(ctx, ckpt_dir, resume)  # D's pair accuracy of each step (warmup's early stop)
-    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     step_fn = STEPS[stage]
     g_params = _parameter_count(ctx.g.module)
     with MetricsLogger.open(cfg.run_dir, stage, plan.total_steps, t.report_to, launch.rank, resume_step=start + 1) as logger:
         for step in range(start + 1, plan.total_steps + 1):
-            prompts = [records[i] for i in data_parallel_share(plan.prompts_of(step), dp_rank, dp_size)]
-            metrics = step_fn(ctx, prompts, step)
+            metrics = step_fn(ctx, [records[i] for i in plan.prompts_of(step)], step)
             metrics |= _throughput(metrics, g_params, ctx.g.lm.hf_config, launch.world_size,
                                    _precision(cfg) == "fp8")  # fmt: skip
             check_finite(step, metrics, [k for k in WATCHED if k in metrics])
             logger.log(step, metrics)
             d_accuracy.append(metrics.get("d_acc", 0.0))
-            early = stage == "warmup" and d_accuracy_reached(d_accuracy, t.warmup_until_d_acc)
+            # Never before G's first SFT step: GAD starts from (and is held near) warmup's G.
+            early = (stage == "warmup" and step > t.disc_only_steps
+                     and d_accuracy_reached(d_accuracy, t.warmup_until_d_acc))  # fmt: skip
             last = step == plan.total_steps or early
             stop = preemption.should_stop()
             if step % t.save_steps == 0 or stop or (last and t.keep_resume_states):

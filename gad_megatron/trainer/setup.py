@@ -75,9 +75,9 @@ class StepPlan:
         return order[within * self.batch_prompts : (within + 1) * self.batch_prompts]
 
 
-def data_parallel_share(indices: list[int], dp_rank: int, dp_size: int) -> list[int]:
-    """This data-parallel rank's contiguous share of a step's prompts (they must split evenly)."""
-    if len(indices) % dp_size:
-        raise ConfigError(f"train.batch_prompts={len(indices)} must be a multiple of the data-parallel size {dp_size}")
-    share = len(indices) // dp_size
-    return indices[dp_rank * share : (dp_rank + 1) * share]
+def data_parallel_share(n_prompts: int, dp_rank: int, dp_size: int) -> range:
+    """This data-parallel rank's contiguous share of a step's ``n_prompts`` (they must split evenly)."""
+    if n_prompts % dp_size:
+        raise ConfigError(f"train.batch_prompts={n_prompts} must be a multiple of the data-parallel size {dp_size}")
+    share = n_prompts // dp_size
+    return range(dp_rank * share, (dp_rank + 1) * share)

@@ -26,12 +26,14 @@ import torch
 from gad_megatron.discriminator import TextEncoder
 from gad_megatron.loss import DISC_LOSSES, group_advantages, pair_accuracy
 from gad_megatron.rollout.engine import InferenceEngine
+from gad_megatron.rollout.replicas import Replicas, generate_for_step
 from gad_megatron.rollout.reshard import sync_weights
 from gad_megatron.rollout.step import Rollout, RolloutSettings, rollout_metrics, rollout_step
 from gad_megatron.trainer import ops
 from gad_megatron.trainer.actor import Actor, sum_metrics
 from gad_megatron.trainer.batching import build_batch, build_score_batch, group_micro_batches, micro_batches
 from gad_megatron.trainer.metrics import PhaseTimer
+from gad_megatron.trainer.setup import data_parallel_share
 
 
 @dataclass
@@ -42,7 +44,8 @@ class StepContext:
     d_lm: Any | None  # D (a MegatronLM) that scores; None in seqkd
     d: Actor | None  # D's optimizer side; None in seqkd and with a frozen D
     ref: Any | None  # the KL reference (frozen warmup G, a MegatronLM) in gad
-    engine: InferenceEngine | None  # on the first rank of each model-parallel group
+    engine: InferenceEngine | None  # vLLM: on every rank; transformers: on each model-parallel group's first
+    replicas: Replicas  # the engine ranks that generate together
     encoder: TextEncoder  # one text path for teacher text, rollouts, prompts
     rollout: RolloutSettings
     token_budget: int  # tokens per micro-batch (parallel.micro_batch_tokens)
@@ -51,21 +54,21 @@ class StepContext:
     kl_beta: float
     tis_cap: float | None
     seed: int
+    width_multiple: int = 1  # micro-batch widths rounded up to this (FP8 GEMM shapes)
+    dp_rank: int = 0
+    dp_size: int = 1
     disc_only_steps: int = 0
 
     @property
     def pad_id(self) -> int:
         return self.encoder.tokenizer.pad_token_id
 
+    def dp_share(self, n_prompts: int) -> range:
+        """This data-parallel rank's contiguous share of a step's prompts (they split evenly)."""
+        return data_parallel_share(n_prompts, self.dp_rank, self.dp_size)
+
 
 Prompts = Sequence[dict[str, Any]]  # records: {"id", "prompt", "teacher_response"}
-
-
-def _model_parallel() -> tuple[Any, int]:
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_model_parallel_group()
-    return group, torch.distributed.get_process_group_ranks(group)[0]
 
 
 def _dp_group() -> Any:
@@ -74,16 +77,21 @@ def _dp_group() -> Any:
     return parallel_state.get_data_parallel_group()
 
 
-def generate(ctx: StepContext, prompts: Prompts, step: int) -> list[Rollout]:
-    """``n`` rollouts per prompt from the engine on the first rank of this model-parallel group,
-    shared with the group's other ranks (they train on the same rollouts)."""
-    group, leader = _model_parallel()
-    box: list[Any] = [None]
+def generate(ctx: StepContext, prompts: Prompts, step: int, reload_follows: bool) -> list[Rollout]:
+    """``n`` rollouts of each prompt of this rank's data-parallel share; ``prompts`` are the whole
+    step's, spread over the engine replicas. Every engine then sleeps until the trainer is done
+    with the step, dropping its weights when ``reload_follows`` (a weight sync comes before the
+    next generation)."""
+
+    def run(share: range, replica: int) -> list[Rollout]:
+        assert ctx.engine is not None
+        return rollout_step(ctx.engine, [prompts[i]["prompt"] for i in share], ctx.encoder, ctx.encoder, ctx.rollout,
+                            ctx.seed, step, replica)  # fmt: skip
+
+    rollouts = generate_for_step(ctx.replicas, len(prompts), run, ctx.dp_share(len(prompts)))
     if ctx.engine is not None:
-        box[0] = rollout_step(ctx.engine, [p["prompt"] for p in prompts], ctx.encoder, ctx.encoder, ctx.rollout,
-                              ctx.seed, step, torch.distributed.get_rank())  # fmt: skip
-    torch.distributed.broadcast_object_list(box, src=leader, group=group)
-    return box[0]
+        ctx.engine.sleep(keep_weights=not reload_follows)
+    return rollouts
 
 
 def discriminate(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout],
@@ -97,15 +105,15 @@ def discriminate(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout]
     """
     assert ctx.d_lm is not None
     teacher = [ctx.encoder.encode(p["prompt"], p["teacher_response"]) for p in prompts]
-    batch = build_score_batch(teacher + [list(r.d_input_ids) for r in rollouts], ctx.pad_id)
+    batch = build_score_batch(teacher + [list(r.d_input_ids) for r in rollouts], ctx.pad_id, ctx.width_multiple)
     n_p, n, total = len(teacher), ctx.rollout.n, len(teacher) + len(rollouts)
     groups_GK = torch.cat([torch.arange(n_p)[:, None], n_p + torch.arange(n_p * n).view(n_p, n)], dim=1)
-    grouped = group_micro_batches(batch, groups_GK, ctx.token_budget) if ctx.d is not None else None
+    grouped = group_micro_batches(batch, groups_GK, ctx.token_budget, ctx.width_multiple) if ctx.d is not None else None
     if grouped is not None:  # one pass: the update's forward gives the scores
         with timer("d_update"):
             scores, grad_norm = ops.disc_score_and_update(ctx.d, grouped, total, n + 1, ctx.disc_loss)
     else:  # scores first, then (unless D is frozen) the update one micro-batch at a time
-        micro = micro_batches(batch, ctx.token_budget)
+        micro = micro_batches(batch, ctx.token_budget, ctx.width_multiple)
         with timer("scoring"):
             scores = ops.score(ctx.d_lm, micro, total)
         if ctx.d is not None:
@@ -124,15 +132,16 @@ def update_generator_pg(ctx: StepContext, prompts: Prompts, rollouts: Sequence[R
     per_prompt = [ctx.encoder.prompt_ids(p["prompt"]) for p in prompts]  # once per prompt, not per rollout
     prompt_ids = [per_prompt[r.prompt_index] for r in rollouts]
     batch = build_batch(prompt_ids, [list(r.token_ids) for r in rollouts], ctx.pad_id,
-                        advantages=advantages_PN.reshape(-1).tolist(), engine_logprobs=[list(r.logprobs) for r in rollouts])  # fmt: skip
-    micro = micro_batches(batch, ctx.token_budget)
+                        advantages=advantages_PN.reshape(-1).tolist(), engine_logprobs=[list(r.logprobs) for r in rollouts],
+                        width_multiple=ctx.width_multiple)  # fmt: skip
+    micro = micro_batches(batch, ctx.token_budget, ctx.width_multiple)
     refs = ops.policy_logprobs(ctx.ref, micro, ctx.rollout.temperature) if ctx.ref is not None and ctx.kl_beta else None
     per_micro, grad_norm = ops.policy_gradient_update(ctx.g, micro, refs, ctx.rollout.temperature, ctx.clip,
                                                       ctx.kl_beta, ctx.tis_cap)  # fmt: skip
     totals = _last_stage_sums(per_micro)
     tokens = max(totals.pop("policy_tokens", 0.0), 1.0)
     out = {k: v / tokens for k, v in totals.items() if not k.endswith("_max")}
-    out["ratio_dev_max"] = totals.get("ratio_dev_max", 0.0)
+    out |= {k: v for k, v in totals.items() if k.endswith("_max")}  # ratio_dev_max, engine_logprob_diff_max
     out["policy_loss"] = out.pop("pg_loss", 0.0) + ctx.kl_beta * out.get("kl", 0.0)
     out["grad_norm_g"] = grad_norm
     out["tokens/g_update"] = _dp_sum(sum(len(p) + len(r.token_ids) for p, r in zip(prompt_ids, rollouts)))
@@ -145,7 +154,8 @@ def update_generator_sft(ctx: StepContext, prompts: Prompts) -> dict[str, float]
     prompt_ids = [ctx.encoder.prompt_ids(p["prompt"]) for p in prompts]
     eot = ctx.encoder.end_of_turn_ids()
     responses = [ctx.encoder.response_ids(p["teacher_response"], eot) for p in prompts]
-    micro = micro_batches(build_batch(prompt_ids, responses, ctx.pad_id), ctx.token_budget)
+    batch = build_batch(prompt_ids, responses, ctx.pad_id, width_multiple=ctx.width_multiple)
+    micro = micro_batches(batch, ctx.token_budget, ctx.width_multiple)
     per_micro, grad_norm = ops.sft_update(ctx.g, micro)
     totals = _last_stage_sums(per_micro)
     return {"sft_loss": totals.get("sft_loss", 0.0) / max(totals.get("sft_tokens", 0.0), 1.0), "grad_norm_g": grad_norm,
@@ -158,11 +168,12 @@ def sync(ctx: StepContext) -> dict[str, float]:
     return {"sync_gb_per_s": stats.gb_per_s}
 
 
-def gad_step(ctx: StepContext, prompts: Prompts, step: int) -> dict[str, float]:
+def gad_step(ctx: StepContext, step_prompts: Prompts, step: int) -> dict[str, float]:
     """generate -> score -> update D -> update G -> sync weights."""
     timer = PhaseTimer()
     with timer("rollout"):
-        rollouts = generate(ctx, prompts, step)
+        rollouts = generate(ctx, step_prompts, step, reload_follows=True)
+    prompts = [step_prompts[i] for i in ctx.dp_share(len(step_prompts))]
     teacher_P, rewards_PN, metrics = discriminate(ctx, prompts, rollouts, timer)  # D's pre-update scores
     advantages_PN = group_advantages(rewards_PN)
     with timer("g_update"):
@@ -172,14 +183,16 @@ def gad_step(ctx: StepContext, prompts: Prompts, step: int) -> dict[str, float]:
     return metrics | timer.pop() | _pair_metrics(teacher_P, rewards_PN, advantages_PN) | _rollout_metrics(rollouts)
 
 
-def warmup_step(ctx: StepContext, prompts: Prompts, step: int) -> dict[str, float]:
+def warmup_step(ctx: StepContext, step_prompts: Prompts, step: int) -> dict[str, float]:
     """D learns on fresh rollouts; G learns the teacher text by SFT (D alone for the first
     ``disc_only_steps`` steps)."""
     timer = PhaseTimer()
+    trains_g = step > ctx.disc_only_steps
     with timer("rollout"):
-        rollouts = generate(ctx, prompts, step)
+        rollouts = generate(ctx, step_prompts, step, reload_follows=trains_g)
+    prompts = [step_prompts[i] for i in ctx.dp_share(len(step_prompts))]
     teacher_P, student_PN, metrics = discriminate(ctx, prompts, rollouts, timer)
-    if step > ctx.disc_only_steps:
+    if trains_g:
         with timer("g_update"):
             metrics |= update_generator_sft(ctx, prompts)
         with timer("sync"):
@@ -188,11 +201,11 @@ def warmup_step(ctx: StepContext, prompts: Prompts, step: int) -> dict[str, floa
     return metrics | timer.pop() | _pair_metrics(teacher_P, student_PN, advantages_PN) | _rollout_metrics(rollouts)
 
 
-def seqkd_step(ctx: StepContext, prompts: Prompts, step: int) -> dict[str, float]:
+def seqkd_step(ctx: StepContext, step_prompts: Prompts, step: int) -> dict[str, float]:
     """The SeqKD baseline: SFT on the teacher's text."""
     timer = PhaseTimer()
     with timer("g_update"):
-        metrics = update_generator_sft(ctx, prompts)
+        metrics = update_generator_sft(ctx, [step_prompts[i] for i in ctx.dp_share(len(step_prompts))])
     return metrics | timer.pop()
 
 

@@ -32,11 +32,17 @@ SIGNATURES = {
     # collective_rpc hands a callable the wrapper, which forwards attributes to the Worker.
     "WorkerWrapperBase.__getattr__": ("vllm/v1/worker/worker_base.py", "WorkerWrapperBase.__getattr__"),
     "GPUModelRunner.get_model": ("vllm/v1/worker/gpu_model_runner.py", "GPUModelRunner.get_model"),
+    # Worker.reload_weights(*args, **kwargs) forwards to the model runner's.
+    "GPUModelRunner.reload_weights": ("vllm/v1/worker/gpu_model_runner.py", "GPUModelRunner.reload_weights"),
+    "Platform.is_sleep_mode_available": ("vllm/platforms/interface.py", "Platform.is_sleep_mode_available"),
+    "UnquantizedEmbeddingMethod.process_weights_after_loading": (
+        "vllm/model_executor/layers/vocab_parallel_embedding.py", "UnquantizedEmbeddingMethod.process_weights_after_loading"),
     "LlamaForCausalLM.load_weights": ("vllm/model_executor/models/llama.py", "LlamaForCausalLM.load_weights"),
     "Qwen2ForCausalLM.load_weights": ("vllm/model_executor/models/qwen2.py", "Qwen2ForCausalLM.load_weights"),
 }
 # contract name -> (file, class, what to read): "fields" (dataclass / msgspec.Struct / TypedDict
-# annotations, bases in the same file included) or "attributes" (every ``self.x =`` in its methods).
+# annotations, bases in the same file included), "attributes" (every ``self.x =`` in its methods)
+# or "methods" (public methods of the class body).
 RECORDS = {
     "SamplingParams": ("vllm/sampling_params.py", "SamplingParams", "fields"),
     "TokensPrompt": ("vllm/inputs/llm.py", "TokensPrompt", "fields"),
@@ -45,7 +51,10 @@ RECORDS = {
     "CompletionOutput": ("vllm/outputs.py", "CompletionOutput", "fields"),
     "Logprob": ("vllm/logprobs.py", "Logprob", "fields"),
     "Worker": ("vllm/v1/worker/gpu_worker.py", "Worker", "attributes"),
+    "WorkerMethods": ("vllm/v1/worker/gpu_worker.py", "Worker", "methods"),
 }
+# Submodules the engine imports a name from: (file, name its module-level __getattr__ or body defines)
+SUBMODULE_NAMES = {"vllm.platforms": ("vllm/platforms/__init__.py", ["current_platform"])}
 # module-level tuples / frozensets of strings
 CONSTANTS = {
     "SLEEP_TAGS": ("vllm/v1/executor/abstract.py", "SLEEP_TAGS"),
@@ -163,6 +172,22 @@ def attributes(cls: ast.ClassDef) -> list[str]:
     return sorted(names)
 
 
+def methods(cls: ast.ClassDef) -> list[str]:
+    """Public methods defined in the class body."""
+    return sorted(n.name for n in cls.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_"))
+
+
+def module_names(module: ast.Module, wanted: list[str]) -> list[str]:
+    """Those of ``wanted`` the module defines at top level or answers in its ``__getattr__``."""
+    defined = {t.id for n in module.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+               for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    defined |= {n.name for n in module.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    for node in module.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+            defined |= {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    return sorted(set(wanted) & defined)
+
+
 def constant(module: ast.Module, name: str) -> list[str]:
     for node in module.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
@@ -212,7 +237,10 @@ def extract(root: Path) -> dict[str, Any]:
     for name, (rel, cls_name, kind) in RECORDS.items():
         module = parse(root, rel)
         cls = find_class(module, cls_name)
-        contract["records"][name] = fields(module, cls, aliases) if kind == "fields" else attributes(cls)
+        contract["records"][name] = (fields(module, cls, aliases) if kind == "fields"
+                                     else methods(cls) if kind == "methods" else attributes(cls))
+    contract["submodules"] = {name: module_names(parse(root, rel), wanted)
+                              for name, (rel, wanted) in SUBMODULE_NAMES.items()}
     contract["constants"] = {name: constant(parse(root, rel), var) for name, (rel, var) in CONSTANTS.items()}
     return contract
 
