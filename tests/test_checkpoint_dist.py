@@ -64,18 +64,25 @@ def full_tensors(dist_dir: Path, out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=False)
 
 
+VOCAB = 300  # the tiny models' real vocabulary; dist checkpoints hold it padded to a TP-dependent size
+
+
 def assert_same_state(work: Path, layout: str) -> None:
     """The TP=1 re-save of the loaded state holds the saved numbers: weights, Adam moments,
-    main params, schedulers, param groups. Vocabulary rows are compared over the shorter
-    padding (the padded vocabulary grows with TP)."""
+    main params, schedulers, param groups. A vocabulary tensor (padded to a multiple of 128 x TP)
+    must hold the same real rows and nothing but zeros in its padding, at either size."""
     original, resaved = (work / layout / d / "iter_0000001" / "dist" for d in ("run", "resaved"))
     a, b = full_tensors(original, work / "a.pt"), full_tensors(resaved, work / "b.pt")
     assert a.keys() == b.keys() and any(k.startswith("optimizer.state.exp_avg_sq.") for k in a)
     for key, x in a.items():
         y = b[key]
-        if torch.is_tensor(x):
-            rows = min(x.shape[0], y.shape[0]) if x.dim() else None
-            assert torch.equal(x[:rows], y[:rows]), key
+        if not torch.is_tensor(x):
+            continue
+        if x.shape != y.shape:
+            assert x.shape[1:] == y.shape[1:] and min(x.shape[0], y.shape[0]) >= VOCAB, key
+            assert not x[VOCAB:].any() and not y[VOCAB:].any(), f"{key}: non-zero vocabulary padding"
+            x, y = x[:VOCAB], y[:VOCAB]
+        assert torch.equal(x, y), key
     common = [torch.load(d / "common.pt", weights_only=False) for d in (original, resaved)]
     assert common[0] == common[1]
 
@@ -85,6 +92,7 @@ def test_resume_at_the_same_layout_is_exact_with_rng(runs: tuple) -> None:
     for layout in LAYOUTS:
         report = saved[layout]
         assert report["rng_equal"] == 1.0 and report["extra_state_equal"] == 1.0, report
+        assert report["fresh_vs_saved"] > 1e-2, "the resumed objects start from other weights"
         assert report["resume_loss2_diff"] == 0.0 and report["resume_weights2_diff"] == 0.0, report
 
 
@@ -94,7 +102,7 @@ def test_tp2_checkpoint_loads_at_tp1(runs: tuple) -> None:
     assert report["weights_diff"] == 0.0 and report["logits_vs_tp1_reference"] == 0.0, report
     # TP=1 and TP=2 sum the row-parallel products in another order: rounding only
     assert report["logits_vs_saving_layout"] < 1e-5 and report["loss2_diff"] < 1e-5, report
-    assert report["weights2_diff"] < 1e-4, report  # Adam normalises the rounding of tiny gradients (lr 1e-3)
+    assert report["weights2_update_error"] < 1e-3, report
     assert_same_state(work, "2x1")
 
 
@@ -103,7 +111,7 @@ def test_pp2_checkpoint_loads_at_pp1(runs: tuple) -> None:
     report = loaded["1x2"]
     assert report["weights_diff"] == 0.0 and report["logits_vs_tp1_reference"] == 0.0, report
     assert report["logits_vs_saving_layout"] == 0.0 and report["loss2_diff"] == 0.0, report
-    assert report["weights2_diff"] < 1e-6, report  # tied-embedding gradients summed in another order
+    assert report["weights2_update_error"] < 1e-4, report  # tied-embedding gradients summed in another order
     assert_same_state(work, "1x2")
 
 

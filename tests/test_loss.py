@@ -75,7 +75,8 @@ def test_bf16_logits_and_leading_dims(chunk: int) -> None:
     ref_lp.sum().backward()
     assert (lp - ref_lp).abs().max() < TOL
     assert leaf.grad.dtype == torch.bfloat16 and not leaf.grad[..., 120:].any()
-    assert torch.allclose(leaf.grad[..., :120].float(), reference.grad, atol=1e-2, rtol=1e-2)
+    # The gradient is computed in fp32 and rounded to bf16 once: within one bf16 step (8 bits) of fp32's.
+    torch.testing.assert_close(leaf.grad[..., :120].float(), reference.grad, atol=1e-30, rtol=2**-8)
 
 
 def test_logits_are_consumed_loudly() -> None:

@@ -22,6 +22,7 @@ from gad_megatron.models.families import (
     ModelLayout,
     Role,
     SpecNames,
+    Split,
     gpt_model_kwargs,
     layout_from_hf,
     transformer_config_from_hf,
@@ -92,6 +93,7 @@ def build_gpt(hf_config: Any, role: Role = "policy", dtype: torch.dtype = torch.
         post_process=parallel_state.is_pipeline_last_stage(),
         **gpt_model_kwargs(hf_config, tp, role),
     )
+    mark_tensor_parallel(model, layout, parallel_state.get_pipeline_model_parallel_rank())
     # megatron-core creates linear weights on the GPU itself but not every module (norms of the
     # local spec, buffers): Megatron-LM moves the model afterwards, so do we.
     model.to(model_device())
@@ -101,6 +103,24 @@ def build_gpt(hf_config: Any, role: Role = "policy", dtype: torch.dtype = torch.
     for param in model.parameters():
         param.data = param.data.to(config.params_dtype)
     return MegatronLM(model, layout, hf_config)
+
+
+def mark_tensor_parallel(model: torch.nn.Module, layout: ModelLayout, pp_rank: int) -> None:
+    """Mark each TP-split parameter as megatron-core would (``tensor_model_parallel``, its dim).
+
+    megatron-core 0.16.1 sets these attributes on a linear's or embedding's weight only while it
+    initialises it, so a model built without initialisation (weights loaded next, as here) has
+    none: the optimizer's gradient norm then counts every split weight as a copy of TP rank 0's
+    shard and leaves the other shards out (seen: a TP=2 norm a quarter low, so gradient clipping
+    at TP=2 differed from TP=1). Parameters it already marked (column biases) are left alone.
+    """
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    dims = {Split.COLUMN: 0, Split.COLUMN_GLU: 0, Split.VOCAB: 0, Split.ROW: 1}
+    for name, param in model.named_parameters():
+        dim = dims.get(layout.split_of(layout.to_global(name, pp_rank)))
+        if dim is not None and not hasattr(param, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(param, True, dim, 1)
 
 
 def load_hf_weights(lm: MegatronLM, hf: Mapping[str, torch.Tensor]) -> None:

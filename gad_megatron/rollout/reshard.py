@@ -178,19 +178,20 @@ def _full(bucket: Bucket, t: TensorPlan, flat: torch.Tensor | None, params: dict
 
 def stream_hf_weights(
     lm: MegatronLM, layout: ModelLayout | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-    dst_ranks: Iterable[int] | None = None,
+    dst_ranks: Iterable[int] | None = None, plan: list[Bucket] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
     """``(hf_name, full tensor)`` for every HF tensor of the model, on the ranks in ``dst_ranks``
     (default: all); the other ranks yield nothing but must iterate the stream to its end too.
 
     Every rank must call with the same ``bucket_bytes`` and ``dst_ranks``. Tensors come stage
     by stage, each exactly once, in its parameter's dtype, on its device. A tensor is valid
-    only until the next one is requested (see the module docstring).
+    only until the next one is requested (see the module docstring). ``plan``: the buckets
+    :func:`plan_buckets` made for these arguments (made here when not given).
     """
     from megatron.core import parallel_state
 
     layout = layout or lm.layout
-    plan = plan_buckets(lm, layout, bucket_bytes)
+    plan = plan if plan is not None else plan_buckets(lm, layout, bucket_bytes)
     params = _stage_params(lm, layout)
     dsts = set(range(dist.get_world_size()) if dst_ranks is None else dst_ranks)
     if not dsts & set(dist.get_process_group_ranks(parallel_state.get_model_parallel_group())):
@@ -305,10 +306,13 @@ def sync_weights(lm: MegatronLM, layout: ModelLayout | None, engine: Any | None,
     the engine, which gets the embedding, drifts from the copy the trainer's loss uses.
     """
     start = time.perf_counter()
+    hosts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, engine is not None)
+    layout = layout or lm.layout
+    # The object exchanges (pickles, freed by gloo's threads whenever) come before the measured part.
+    plan = plan_buckets(lm, layout, bucket_bytes)
     with _allocation_peak(measure_memory) as peak:
-        hosts: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(hosts, engine is not None)
-        stream = _Counted(stream_hf_weights(lm, layout, bucket_bytes, [r for r, h in enumerate(hosts) if h]))
+        stream = _Counted(stream_hf_weights(lm, layout, bucket_bytes, [r for r, h in enumerate(hosts) if h], plan))
         if engine is None:
             for _ in stream:  # yields nothing here, but takes part in every collective
                 pass

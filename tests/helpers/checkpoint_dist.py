@@ -7,8 +7,9 @@
 optimizer, OptimizerParamScheduler), a checkpoint, random draws after it, the full state
 gathered to HF tensors and the logits/scores (``WORK/<layout>/reference.pt``), one more step
 (the uninterrupted run); then a resume at the same layout into fresh objects, its draws and
-its next step. ``load`` (one process, TP=1 x PP=1): the newest complete checkpoint, its state
-and logits against the reference, a re-save (``WORK/<layout>/resaved``), the next step.
+its next step. ``load`` (one process, TP=1 x PP=1): the newest complete checkpoint's models alone
+into other weights, their state and logits against the reference; then models, optimizers and
+schedulers together, a re-save (``WORK/<layout>/resaved``) and the next step.
 Rank 0 writes ``WORK/report-<mode>.json``: ``{layout: {check: value}}``.
 """
 
@@ -47,13 +48,14 @@ class Trained:
     scheduler: Any
 
 
-def build(role: str, hf_weights: dict[str, torch.Tensor] | None = None) -> Trained:
-    """G (``policy``, tiny Llama) or D (``discriminator``, tiny Qwen2) with its optimizer."""
+def build(role: str, hf_weights: dict[str, torch.Tensor] | None = None, seed: int = 0) -> Trained:
+    """G (``policy``, tiny Llama) or D (``discriminator``, tiny Qwen2) with its optimizer; ``seed``
+    picks other initial weights (a resumed run's fresh objects must not start equal to the saved)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    hf = tiny_model("llama" if role == "policy" else "qwen2", role, seed=0 if role == "policy" else 1)
+    hf = tiny_model("llama" if role == "policy" else "qwen2", role, seed=seed + (0 if role == "policy" else 1))
     # gloo has no CUDA stream to synchronise the pipeline's batched p2p on
     lm = (build_gpt if role == "policy" else build_discriminator)(hf.config, batch_p2p_sync=False)
     load_hf_weights(lm, hf_weights or hf.state_dict())
@@ -63,7 +65,9 @@ def build(role: str, hf_weights: dict[str, torch.Tensor] | None = None) -> Train
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=1e-3, weight_decay=0.01, bf16=False, params_dtype=torch.float32,
                         clip_grad=1.0, use_distributed_optimizer=True), [ddp])  # fmt: skip
-    scheduler = OptimizerParamScheduler(optimizer, init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=2,
+    # init_lr > 0: the first step (the one the checkpoint follows) really moves the weights; the
+    # warmup makes the second step's lr depend on the restored scheduler.
+    scheduler = OptimizerParamScheduler(optimizer, init_lr=2e-4, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=2,
                                         lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
                                         wd_incr_steps=10, wd_incr_style="constant")  # fmt: skip
     return Trained(lm, ddp, optimizer, scheduler)
@@ -146,6 +150,16 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def update_error(resumed: dict[str, torch.Tensor], before: dict[str, torch.Tensor],
+                 after: dict[str, torch.Tensor]) -> float:  # fmt: skip
+    """|resumed - after| / |after - before| over all tensors: how far the resumed run's step landed
+    from the uninterrupted one, relative to the step itself (Adam normalises every gradient, so a
+    parameter's rounding can move it by up to a learning rate; the norm puts that in proportion)."""
+    num = sum(float((resumed[k] - after[k]).double().pow(2).sum()) for k in after)
+    den = sum(float((after[k] - before[k]).double().pow(2).sum()) for k in after)
+    return (num / den) ** 0.5 if resumed.keys() == after.keys() else float("inf")
+
+
 def run_state(g: Trained, d: Trained) -> dict[str, Any]:
     """save_checkpoint / load_checkpoint arguments for the pair."""
     pair = {"policy": g, "discriminator": d}
@@ -164,7 +178,9 @@ def save_layout(work: Path) -> dict[str, float]:
     if dist.get_rank() == 0:
         torch.save(reference, work / "reference.pt")
 
-    g2, d2 = build("policy"), build("discriminator")  # a fresh process's objects, other weights
+    g2, d2 = build("policy", seed=10), build("discriminator", seed=10)  # a fresh process's objects, other weights
+    report["fresh_vs_saved"] = min(max_diff(hf_state(g2.lm), reference["policy"]),
+                                   max_diff(hf_state(d2.lm), reference["discriminator"]))  # fmt: skip
     extra = load_checkpoint(latest_checkpoint(work / "run"), **run_state(g2, d2))
     report["rng_equal"] = float(draws() == after_save)
     report["extra_state_equal"] = float(extra == {"step": 1, "data_position": 8})
@@ -177,21 +193,27 @@ def save_layout(work: Path) -> dict[str, float]:
 
 def load_layout(work: Path) -> dict[str, float]:
     reference = torch.load(work / "reference.pt", weights_only=True)
-    g, d = build("policy"), build("discriminator")
     path = latest_checkpoint(work / "run", clean=True)
-    extra = load_checkpoint(path, **run_state(g, d))
-    report = {"loaded_step": float(extra["step"]),
-              "weights_diff": max(max_diff(hf_state(g.lm), reference["policy"]),
+    # The models alone (as `gad generate` or an export would load them) into other weights: the
+    # optimizer's fp32 copy cannot stand in for a model load that went wrong.
+    g, d = build("policy", seed=10), build("discriminator", seed=10)
+    load_checkpoint(path, {"policy": g.lm, "discriminator": d.lm})
+    report = {"weights_diff": max(max_diff(hf_state(g.lm), reference["policy"]),
                                   max_diff(hf_state(d.lm), reference["discriminator"]))}  # fmt: skip
     # The same weights through the HF mapping at TP=1: the logits must be the very same numbers.
     direct_g, direct_d = (build(role, reference[role]).lm for role in ("policy", "discriminator"))
     mine, direct = outputs(g.lm, d.lm), outputs(direct_g, direct_d)
     report["logits_vs_tp1_reference"] = max_diff(mine, direct)
     report["logits_vs_saving_layout"] = max_diff(mine, {k: reference[k] for k in ("logits", "scores")})
+    # Models, optimizers and schedulers together into fresh objects: the run goes on from here.
+    g, d = build("policy", seed=10), build("discriminator", seed=10)
+    extra = load_checkpoint(path, **run_state(g, d))
+    report["loaded_step"] = float(extra["step"])
     save_checkpoint(work / "resaved", 1, **run_state(g, d), extra_state=extra)
     report["loss2_diff"] = max(abs(train_step(g) - reference["loss2_g"]), abs(train_step(d) - reference["loss2_d"]))
-    report["weights2_diff"] = max(max_diff(hf_state(g.lm), reference["policy2"]),
-                                  max_diff(hf_state(d.lm), reference["discriminator2"]))  # fmt: skip
+    report["weights2_update_error"] = max(update_error(hf_state(g.lm), reference["policy"], reference["policy2"]),
+                                          update_error(hf_state(d.lm), reference["discriminator"],
+                                                       reference["discriminator2"]))  # fmt: skip
     return report
 
 

@@ -4,13 +4,18 @@
     python tests/helpers/cpu_bridge_run.py OUT.json --tp 1 --pp 1
 
 The same global batch and, at any TP, the same initial weights (built at full size from one
-seed and split): losses and grad norms must agree between TP=1 and TP=2. Rank 0 writes {"losses": [...], "grad_norms": [...], "bridged": [...]}.
+seed and split): losses and grad norms must agree between TP=1 and TP=2. With ``--named-init`` every
+weight matrix is drawn from a seed of its global name instead (layer index counted across pipeline
+stages, the last stage's tied output layer drawn as the embedding), so PP=1 and PP=2 start equal too.
+Rank 0 writes {"losses": [...], "grad_norms": [...], "bridged": [...]}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import zlib
 
 import torch
 
@@ -27,12 +32,28 @@ def tiny_config(tp: int, pp: int) -> object:
     )  # fmt: skip
 
 
+def init_by_global_name(model: torch.nn.Module, layer_offset: int) -> None:
+    """Redraw every weight matrix from a seed of its layout-independent name (norm weights stay 1)."""
+
+    def global_name(name: str) -> str:
+        if name == "output_layer.weight":  # the tied copy on the last pipeline stage
+            return "embedding.word_embeddings.weight"
+        return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m[1]) + layer_offset}.", name)
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1:
+                seed = zlib.crc32(global_name(name).encode())
+                param.copy_(0.02 * torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--distributed-optimizer", action="store_true")
+    parser.add_argument("--named-init", action="store_true", help="layout-independent weights (TP=1 only)")
     args = parser.parse_args()
 
     from gad_megatron.parallel.launch import init_distributed
@@ -55,6 +76,9 @@ def main() -> None:
         config, get_gpt_layer_local_spec(), vocab_size=256, max_sequence_length=64,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
     )  # fmt: skip
+    if args.named_init:
+        assert args.tp == 1, "--named-init draws whole matrices: TP must be 1"
+        init_by_global_name(model, ps.get_pipeline_model_parallel_rank() * config.num_layers // args.pp)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(use_distributed_optimizer=args.distributed_optimizer), model
     )
