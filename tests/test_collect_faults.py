@@ -10,13 +10,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from gad_megatron.collect import collect, run_collect
-from gad_megatron.config import parse_config
+from gad_megatron.config import TeacherConfig, parse_config
 from gad_megatron.data import read_jsonl
 from gad_megatron.llama_server import LlamaServer
 from gad_megatron.teacher import RetryPolicy
@@ -34,12 +35,15 @@ def server():
         yield srv
 
 
+N_PROMPTS = 24
+
+
 def upstream(server: LlamaServer) -> str:
     return server.base_url.removesuffix("/v1")
 
 
-def prompts(n: int, tag: str = "") -> list[dict]:
-    return [{"id": f"p{i:02d}", "prompt": f"{tag}Name one fact about the number {i}."} for i in range(n)]
+def prompts(n: int) -> list[dict]:
+    return [{"id": f"p{i:02d}", "prompt": f"Name one fact about the number {i}."} for i in range(n)]
 
 
 def teacher_cfg(url: str, **kw) -> dict:
@@ -47,9 +51,34 @@ def teacher_cfg(url: str, **kw) -> dict:
             "concurrency": 3, "timeout_s": 8.0, "max_attempts": 6, **kw}
 
 
-def run_cfg(tmp_path: Path, url: str, n: int, tag: str = "", **kw):
+def ask_directly(server: LlamaServer, prompt: str) -> str:
+    """One answer straight from the server over stdlib HTTP: neither the proxy nor the client under test."""
+    cfg = teacher_cfg(server.base_url)
+    body = {"model": cfg["model"], "messages": [{"role": "user", "content": prompt}],
+            "temperature": cfg["temperature"], "max_tokens": cfg["max_tokens"]}
+    request = urllib.request.Request(f"{server.base_url}/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        return json.loads(resp.read())["choices"][0]["message"]["content"]
+
+
+@pytest.fixture(scope="module")
+def fault_free(server) -> dict[str, str]:
+    """Prompt id -> the server's answer at temperature 0, asked one at a time without faults."""
+    answers = {p["id"]: ask_directly(server, p["prompt"]) for p in prompts(N_PROMPTS)}
+    assert len(set(answers.values())) == N_PROMPTS  # distinct answers: a swap or duplicate would show
+    return answers
+
+
+def assert_fault_free_answers(rows: list[dict], fault_free: dict[str, str]) -> None:
+    """Every row holds, whole, the answer a fault-free run gave its own prompt."""
+    assert [r["teacher_response"] for r in rows] == [fault_free[r["id"]] for r in rows]
+    assert all(r["teacher_meta"]["error"] is None for r in rows)
+
+
+def run_cfg(tmp_path: Path, url: str, n: int, **kw):
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps(p) + "\n" for p in prompts(n, tag)), encoding="utf-8")
+    data.write_text("".join(json.dumps(p) + "\n" for p in prompts(n)), encoding="utf-8")
     return {"run_dir": str(tmp_path / "run"), "data": {"path": str(data)}, "teacher": teacher_cfg(url, **kw)}
 
 
@@ -61,11 +90,9 @@ def cached_rows(path: Path) -> int:
         return 0
 
 
-def test_faults_every_row_answered_and_rerun_sends_nothing(server, tmp_path):
-    n = 24
-    records = [{**p, "prompt": [{"role": "user", "content": p["prompt"]}]} for p in prompts(n, "F ")]
-    from gad_megatron.config import TeacherConfig
-
+def test_faults_every_row_answered_and_rerun_sends_nothing(server, fault_free, tmp_path):
+    n = N_PROMPTS
+    records = [{**p, "prompt": [{"role": "user", "content": p["prompt"]}]} for p in prompts(n)]
     with FaultProxy(upstream(server), RotatingPlan(FAULTS, max_faults=2), retry_after_s=1) as proxy:
         cfg = TeacherConfig(**teacher_cfg(proxy.base_url))
         rows, stats = collect(records, cfg, tmp_path / "cache.sqlite", policy=FAST, progress=False)
@@ -75,9 +102,9 @@ def test_faults_every_row_answered_and_rerun_sends_nothing(server, tmp_path):
         print(f"\n{proxy.received} requests, {faulted} faulted: {dict(faults)}; {stats.summary(cfg)}")
         assert faulted / proxy.received >= 0.30
         assert set(faults) == set(FAULTS), faults  # every kind of fault happened
-        # Every prompt ends with a response, nothing lost, nothing duplicated.
+        # Every prompt ends with its own whole answer: nothing lost, swapped, duplicated or cut.
         assert [r["id"] for r in rows] == [r["id"] for r in records]
-        assert all(r["teacher_response"] and r["teacher_meta"]["error"] is None for r in rows)
+        assert_fault_free_answers(rows, fault_free)
         assert stats.ok == n and stats.failed == 0
         assert stats.requests == proxy.received and stats.retries == stats.requests - n
         assert sum(r["teacher_meta"]["attempts"] for r in rows) == proxy.received
@@ -97,7 +124,7 @@ def test_faults_every_row_answered_and_rerun_sends_nothing(server, tmp_path):
         assert [r["teacher_response"] for r in rows2] == [r["teacher_response"] for r in rows]
 
 
-def test_failures_are_recorded_per_row_and_only_they_are_retried(server, tmp_path):
+def test_failures_are_recorded_per_row_and_only_they_are_retried(server, fault_free, tmp_path):
     plan = RotatingPlan(always={"POISON": "503", "BADREQ": "400"}, max_faults=0)
     with FaultProxy(upstream(server), plan) as proxy:
         raw = run_cfg(tmp_path, proxy.base_url, 4, max_attempts=3)
@@ -114,7 +141,7 @@ def test_failures_are_recorded_per_row_and_only_they_are_retried(server, tmp_pat
         assert rows["poison"]["teacher_meta"]["attempts"] == 3
         assert rows["bad"]["teacher_response"] is None and "HTTP 400" in rows["bad"]["teacher_meta"]["error"]
         assert rows["bad"]["teacher_meta"]["attempts"] == 1
-        assert all(rows[f"p{i:02d}"]["teacher_response"] for i in range(4))
+        assert_fault_free_answers([rows[f"p{i:02d}"] for i in range(4)], fault_free)
         assert proxy.received == 4 + 3 + 1
 
         proxy.plan = None  # the endpoint recovers: a rerun asks again for the two failed rows only
@@ -151,10 +178,10 @@ def test_api_key_never_written_or_logged(server, tmp_path, monkeypatch, caplog, 
     assert yaml.safe_load((run_dir / "config.resolved.yaml").read_text())["teacher"]["api_key_env"] == "GAD_TEST_KEY"
 
 
-def test_sigkill_mid_run_then_resume_gives_each_row_once(server, tmp_path):
+def test_sigkill_mid_run_then_resume_gives_each_row_once(server, fault_free, tmp_path):
     n, concurrency = 20, 2
     with FaultProxy(upstream(server)) as proxy:
-        raw = run_cfg(tmp_path, proxy.base_url, n, "K ", concurrency=concurrency, max_tokens=16)
+        raw = run_cfg(tmp_path, proxy.base_url, n, concurrency=concurrency)
         cfg_path = tmp_path / "run.yaml"
         cfg_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
         cache = tmp_path / "run" / "teacher_cache.sqlite"
@@ -182,7 +209,7 @@ def test_sigkill_mid_run_then_resume_gives_each_row_once(server, tmp_path):
     rows = read_jsonl(tmp_path / "run" / "teacher.jsonl")
     ids = [r["id"] for r in rows]
     assert ids == [f"p{i:02d}" for i in range(n)] and len(set(ids)) == n  # each row exactly once
-    assert all(r["teacher_response"] for r in rows)
+    assert_fault_free_answers(rows, fault_free)  # those cached before the kill and those asked after
     assert sum(r["teacher_meta"]["cached"] for r in rows) == done_before
     assert resumed_requests == n - done_before  # the rerun asked only for what was missing
     # Only the requests in flight at the kill were asked twice.

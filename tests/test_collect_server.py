@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import subprocess
 from importlib import resources
 from pathlib import Path
 
@@ -14,6 +17,7 @@ from gad_megatron.collect import collect, load_collected, run_collect
 from gad_megatron.config import ConfigError, Message, TeacherConfig, load_config, parse_config
 from gad_megatron.data import read_jsonl
 from gad_megatron.llama_server import LlamaServer, LlamaServerError
+from gad_megatron.teacher import run_requests
 from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.server
@@ -47,9 +51,27 @@ def teacher(server: LlamaServer, **kw) -> TeacherConfig:
     return TeacherConfig(**{**base, **kw})
 
 
-def test_server_answers_and_stops(server):
-    assert server.base_url.startswith("http://127.0.0.1:") and server.base_url.endswith("/v1")
-    assert server._proc is not None and server._proc.poll() is None
+def assert_stopped(proc: subprocess.Popen, port: int) -> None:
+    """The server process has exited (and was reaped) and nothing listens on its port any more."""
+    assert proc.returncode is not None
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+@pytest.mark.parametrize("block_raises", [False, True])
+def test_server_answers_and_is_stopped_on_leaving_the_block(block_raises, tmp_path):
+    srv = LlamaServer()
+    with pytest.raises(KeyboardInterrupt) if block_raises else contextlib.nullcontext():
+        with srv:
+            proc, port = srv._proc, srv.port
+            assert srv.base_url == f"http://127.0.0.1:{port}/v1" and proc.poll() is None
+            answer = run_requests(teacher(srv, max_tokens=4), [("hi", [{"role": "user", "content": "Hi"}])],
+                                  tmp_path / "cache.sqlite", progress=False)["hi"]
+            assert answer.ok and answer.text.strip() and answer.completion_tokens > 0
+            if block_raises:
+                raise KeyboardInterrupt
+    assert srv._proc is None
+    assert_stopped(proc, port)
 
 
 def test_server_that_cannot_start_gives_its_log_and_is_stopped(tmp_path):
@@ -61,15 +83,6 @@ def test_server_that_cannot_start_gives_its_log_and_is_stopped(tmp_path):
             pass
     assert "log" in str(err.value) and len(str(err.value).splitlines()) > 1  # the server's own words follow
     assert srv._proc is None
-
-
-def test_server_is_stopped_when_the_block_raises():
-    srv = LlamaServer()
-    with pytest.raises(KeyboardInterrupt):
-        with srv:
-            proc = srv._proc
-            raise KeyboardInterrupt
-    assert proc.poll() is not None and srv._proc is None
 
 
 def test_hidden_few_shot_context_sets_the_style(server, tmp_path):

@@ -1,4 +1,5 @@
-"""Unit tests of the teacher client: backoff policy, cache keys, the SQLite cache, retries and key hygiene.
+"""Unit tests of the teacher client: backoff policy, cache keys, the SQLite cache, retries, key hygiene, and
+``collect`` over it.
 
 The endpoint is an in-process mock transport here; tests against a real server are in
 test_collect_server.py and test_collect_faults.py.
@@ -16,6 +17,7 @@ import time
 
 import pytest
 
+from gad_megatron import collect as collect_module
 from gad_megatron.cache import ResponseCache, cache_key
 from gad_megatron.config import ConfigError, Message, TeacherConfig
 from gad_megatron.teacher import (
@@ -196,7 +198,12 @@ def test_completion_cache_roundtrip():
 # the client against a mock transport
 
 
-def ok_body(text: str = "hello there", finish: str = "stop", n: int = 1) -> dict:
+def answer_to(messages: list[dict]) -> str:
+    """The mock's answer: derived from the last message, so a swapped or duplicated answer shows."""
+    return f"answer to {messages[-1]['content']!r}"
+
+
+def ok_body(text: str, finish: str = "stop", n: int = 1) -> dict:
     return {
         "id": "x", "object": "chat.completion", "created": 0, "model": "m",
         "choices": [{"index": i, "message": {"role": "assistant", "content": f"{text}{i or ''}"}, "finish_reason": finish}
@@ -206,16 +213,20 @@ def ok_body(text: str = "hello there", finish: str = "stop", n: int = 1) -> dict
 
 
 class Script:
-    """Mock endpoint answering from a list of (status, body, headers) / exceptions, then 200s."""
+    """Mock endpoint answering from a list of (status, body, headers) / exceptions, then ``default``.
+
+    Without a ``default``, a 200 whose text is :func:`answer_to` the request's messages.
+    """
 
     def __init__(self, steps=(), default=None):
         self.steps = list(steps)
-        self.default = default or (200, ok_body(), {})
+        self.default = default
         self.calls: list[dict] = []
 
     async def __call__(self, request):
-        self.calls.append({"auth": request.headers.get("authorization"), "body": json.loads(request.content)})
-        step = self.steps.pop(0) if self.steps else self.default
+        sent = json.loads(request.content)
+        self.calls.append({"auth": request.headers.get("authorization"), "body": sent})
+        step = self.steps.pop(0) if self.steps else self.default or (200, ok_body(answer_to(sent["messages"])), {})
         if isinstance(step, Exception):
             raise step
         status, body, headers = step
@@ -239,7 +250,7 @@ def test_client_prepends_teacher_context_and_sends_sampling():
     client = make_client(script, system_prompt="SYS", temperature=0.3, max_tokens=17,
                          context_messages=[Message(role="user", content="demo q"), Message(role="assistant", content="demo a")])
     c = asyncio.run(_one(client, [{"role": "user", "content": "real q"}], top_p=0.5))
-    assert c.ok and c.text == "hello there" and c.finish_reason == "stop" and c.attempts == 1
+    assert c.ok and c.text == answer_to([{"content": "real q"}]) and c.finish_reason == "stop" and c.attempts == 1
     assert (c.prompt_tokens, c.completion_tokens) == (5, 2)
     body = script.calls[0]["body"]
     assert [m["content"] for m in body["messages"]] == ["SYS", "demo q", "demo a", "real q"]
@@ -268,7 +279,7 @@ def test_retry_after_is_honoured_then_success():
 def test_transient_errors_are_retried(step):
     script = Script([step, step])
     c = asyncio.run(_one(make_client(script)))
-    assert c.ok and c.attempts == 3 and len(script.calls) == 3
+    assert c.ok and c.attempts == 3 and len(script.calls) == 3 and c.text == answer_to([{"content": "hi"}])
 
 
 def test_attempts_are_bounded_and_failure_is_recorded():
@@ -288,16 +299,21 @@ def test_non_retryable_error_fails_at_once():
 
 def test_hanging_request_times_out_and_retries():
     class Hang(Script):
+        cancelled = False
+
         async def __call__(self, request):
             if not self.calls:
                 self.calls.append({})
-                await asyncio.sleep(30)
+                try:
+                    await asyncio.sleep(30)  # were it not cancelled, this attempt would succeed late: attempts == 1
+                except asyncio.CancelledError:
+                    self.cancelled = True
+                    raise
             return await super().__call__(request)
 
     script = Hang()
-    t0 = time.monotonic()
     c = asyncio.run(_one(make_client(script, timeout_s=0.3)))
-    assert c.ok and c.attempts == 2 and time.monotonic() - t0 < 5
+    assert script.cancelled and c.ok and c.attempts == 2 and len(script.calls) == 2
 
 
 def test_fatal_status_stops_further_requests():
@@ -375,14 +391,37 @@ def test_run_requests_caches_dedupes_and_retries_only_failures(tmp_path):
     results, stats = run(handler)
     assert set(results) == {f"r{i}" for i in range(8)}
     assert len(script.calls) == 5  # duplicates sent once
-    assert not results["r4"].ok and results["r0"].ok and results["r5"].text == results["r0"].text
+    assert not results["r4"].ok
+    assert all(results[rid].text == answer_to(msgs) for rid, msgs in reqs if rid != "r4")  # r5 shares r0's answer
     assert (stats.ok, stats.failed, stats.cached, stats.requests) == (7, 1, 0, 5)
 
     script.calls.clear()
     results, stats = run(handler)
     assert len(script.calls) == 1  # only the failed prompt is asked again
     assert (stats.ok, stats.failed, stats.cached, stats.requests) == (7, 1, 7, 1)
-    assert all(results[f"r{i}"].cached for i in (0, 1, 2, 3, 5, 6, 7))
+    assert all(results[rid].cached and results[rid].text == answer_to(msgs) for rid, msgs in reqs if rid != "r4")
+
+
+def test_collect_gives_every_row_its_own_answer_fresh_and_cached(tmp_path, monkeypatch):
+    n = 12
+    records = [{"id": f"r{i}", "prompt": [{"role": "user", "content": f"q{i}"}]} for i in range(n)]
+    cfg = TeacherConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None, concurrency=4)
+    script = Script()
+
+    async def earliest_answers_last(request):  # answers come back in another order than asked
+        await asyncio.sleep(0.01 * (n - int(json.loads(request.content)["messages"][-1]["content"][1:])))
+        return await script(request)
+
+    def with_mock(*args, **kw):
+        mock = httpx.AsyncClient(transport=httpx.MockTransport(earliest_answers_last))
+        return run_requests_with_stats(*args, http_client=mock, **kw)
+
+    monkeypatch.setattr(collect_module, "run_requests_with_stats", with_mock)
+    for order in (records, records[::-1]):  # fresh, then from the cache in reverse order
+        rows, stats = collect_module.collect(order, cfg, tmp_path / "c.sqlite", policy=FAST, progress=False)
+        assert [r["id"] for r in rows] == [r["id"] for r in order]
+        assert [r["teacher_response"] for r in rows] == [answer_to(r["prompt"]) for r in order]
+    assert len(script.calls) == n and stats.cached == n
 
 
 def test_run_requests_works_inside_a_running_loop(tmp_path):
@@ -395,7 +434,7 @@ def test_run_requests_works_inside_a_running_loop(tmp_path):
         return run_requests(cfg, [("a", [{"role": "user", "content": "x"}])], tmp_path / "c.sqlite",
                             http_client=httpx.AsyncClient(transport=httpx.MockTransport(script)), progress=False)
 
-    assert asyncio.run(inside())["a"].text == "hello there"
+    assert asyncio.run(inside())["a"].text == answer_to([{"content": "x"}])
 
 
 def test_summary_reports_cost():
