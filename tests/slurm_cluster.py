@@ -279,7 +279,8 @@ def _ip(*argv: str) -> None:
 
 
 def make_root() -> Path:
-    """A private directory for the cluster; world-traversable so munged (user munge) reaches its socket."""
-    root = Path(tempfile.mkdtemp(prefix="gad-slurm-"))
+    """A private directory for the cluster; world-traversable so munged (user munge) reaches its socket.
+    In /tmp, not $TMPDIR: the tests point that into pytest's directory, which only its owner may enter."""
+    root = Path(tempfile.mkdtemp(prefix="gad-slurm-", dir="/tmp"))
     root.chmod(0o755)
     return root

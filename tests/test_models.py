@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,8 @@ import torch
 
 from gad_megatron.models import sources as models
 from gad_megatron.config import ConfigError
+from tests.conftest import SESSION_DIRS
+from tests.helpers.torchrun import ENV
 
 
 def test_alias_converts_once_then_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -23,6 +27,16 @@ def test_alias_converts_once_then_reuses(tmp_path: Path, monkeypatch: pytest.Mon
     assert not list((tmp_path / "cache" / "models").glob(".*")), "no temp dir left behind"
     tok = models.load_tokenizer(first)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
+
+
+def test_caches_and_temporary_files_stay_in_pytests_directory(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Not the user's ~/.cache/gad (the converted GGUF is 0.5 GB) nor /tmp, also in a subprocess."""
+    probe = ("import tempfile; from gad_megatron.models.sources import cache_root; "
+             "print(cache_root()); print(tempfile.gettempdir())")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True, text=True, check=True).stdout
+    base = tmp_path_factory.getbasetemp()
+    assert [Path(p) for p in out.split()] == [base / SESSION_DIRS["GAD_CACHE"], base / SESSION_DIRS["TMPDIR"]]
+    assert Path(ENV["XDG_CACHE_HOME"]) == base / SESSION_DIRS["XDG_CACHE_HOME"]
 
 
 def test_bad_specs() -> None:

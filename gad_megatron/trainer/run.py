@@ -9,14 +9,18 @@ built from it and handed to :mod:`gad_megatron.trainer.steps` as plain values.
 Outputs in ``<run_dir>/<stage>/``: ``megatron/iter_*`` (dist checkpoints with optimizer states,
 resumable at any TP x PP; the newest ``train.keep_resume_states`` kept), ``checkpoint-<step>/``
 every ``save_steps`` and ``final/`` (HF generator, ``discriminator/`` an HF sequence classifier,
-a ``COMPLETE`` marker: what ``gad generate --sweep`` / ``eval`` read), ``metrics.jsonl`` (+ ``tb/``).
+a ``COMPLETE`` marker: what ``gad generate --sweep`` / ``eval`` read), ``metrics.jsonl`` (+ ``tb/``),
+``starts.jsonl`` (one line per start, never truncated: where each run began, see :func:`_record_start`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,7 @@ from gad_megatron.trainer.steps import STEPS, StepContext
 log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
+STARTS = "starts.jsonl"
 WATCHED = ("d_loss", "sft_loss", "policy_loss", "kl", "grad_norm_g", "grad_norm_d", "teacher_score", "student_score")
 
 
@@ -229,23 +234,35 @@ def d_accuracy_reached(history: list[float], target: float | None) -> bool:
     return target is not None and len(window) == D_ACC_WINDOW and sum(window) / D_ACC_WINDOW >= target
 
 
-def _resume(ctx: StepContext, ckpt_dir: Path, resume: str | None) -> tuple[int, list[float]]:
+def _resume(ctx: StepContext, ckpt_dir: Path, resume: str | None) -> tuple[int, list[float], Path | None]:
     """Load the newest complete checkpoint (or the one named). -> (the step it finished, 0 when
-    fresh; D's pair accuracy of the steps before it, for warmup's early stop)."""
+    fresh; D's pair accuracy of the steps before it, for warmup's early stop; the checkpoint loaded)."""
     from gad_megatron.rollout.reshard import sync_weights
 
     if resume is None:
-        return 0, []
+        return 0, [], None
     path = checkpoint.latest_checkpoint(ckpt_dir, clean=True) if resume == "latest" else Path(resume)
     if path is None:
         log.info("no complete checkpoint in %s: starting from step 1", ckpt_dir)
-        return 0, []
+        return 0, [], None
     checkpoint.load_checkpoint(path, _models(ctx), _optimizers(ctx))
     meta = checkpoint.read_meta(path)
     if ctx.d_lm is not None:  # the stages with rollouts
         sync_weights(ctx.g.lm, None, ctx.engine)
     log.info("resumed from %s (step %d)", path, meta["step"])
-    return int(meta["step"]), list(meta["extra_state"].get("d_acc_recent", []))
+    return int(meta["step"]), list(meta["extra_state"].get("d_acc_recent", [])), path
+
+
+def _record_start(out_dir: Path, resume: str | None, loaded: Path | None, step: int) -> None:
+    """Append this start to ``<stage>/starts.jsonl``, which no run truncates: the time, ``--resume``
+    as asked (null, "latest" or a path), the checkpoint loaded and its step (null and 0: from scratch),
+    the Slurm job and its restart count (null outside Slurm)."""
+    restarts = os.environ.get("SLURM_RESTART_COUNT")
+    row = {"time": time.time(), "resume": resume, "checkpoint": str(loaded) if loaded else None, "step": step,
+           "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+           "slurm_restart_count": int(restarts) if restarts else None}  # fmt: skip
+    with (out_dir / STARTS).open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row) + "\n")
 
 
 def _export_hf(ctx: StepContext, out: Path, tokenizer: Any) -> Path:
@@ -292,7 +309,9 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
             shutil.rmtree(final)
         save_resolved_config(cfg, out_dir)
     torch.distributed.barrier()
-    start, d_accuracy = _resume(ctx, ckpt_dir, resume)  # D's pair accuracy of each step (warmup's early stop)
+    start, d_accuracy, loaded = _resume(ctx, ckpt_dir, resume)  # d_accuracy: D's of each step (warmup's early stop)
+    if launch.rank == 0:
+        _record_start(out_dir, resume, loaded, start)
     step_fn = STEPS[stage]
     g_params = _parameter_count(ctx.g.module)
     with MetricsLogger.open(cfg.run_dir, stage, plan.total_steps, t.report_to, launch.rank, resume_step=start + 1) as logger:

@@ -5,7 +5,9 @@
 # (slurmctld, slurmd, client commands), munge (Slurm's authentication) and shellcheck (the
 # lint test of slurm/). Idempotent: when everything is there it returns at once, without
 # apt-get, so `make test` pays nothing after the first run. Where it cannot install (no apt,
-# no root or sudo) it says so and succeeds: those tests then skip, naming what is missing.
+# no root or sudo) it says so and succeeds, so that a developer can still run the other tests
+# (the Slurm ones then skip, naming what is missing); under CI=true it fails instead, as do
+# those tests: a CI run must not pass with them skipped.
 set -euo pipefail
 
 need=()
@@ -20,6 +22,11 @@ command -v nsenter >/dev/null || need+=(util-linux)
 sudo=()
 ((EUID == 0)) || sudo=(sudo -n)
 if ! command -v apt-get >/dev/null || ! "${sudo[@]}" true 2>/dev/null; then
+    ci=${CI:-}
+    if [[ ${ci,,} == true ]]; then
+        echo "install_local_slurm.sh: CI=true and cannot install ${need[*]} here (needs apt-get and root)" >&2
+        exit 1
+    fi
     echo "install_local_slurm.sh: cannot install ${need[*]} here (needs apt-get and root); the Slurm tests will skip" >&2
     exit 0
 fi

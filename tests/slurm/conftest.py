@@ -1,4 +1,5 @@
-"""Private Slurm clusters for the tests in this folder (see tests/slurm_cluster.py), one per session."""
+"""Private Slurm clusters for the tests in this folder (see tests/slurm_cluster.py), one per session.
+Where Slurm cannot run they skip, naming why; under ``CI=true`` they fail instead (tests/helpers/requires.py)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,21 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.requires import require, under_ci
 from tests.slurm_cluster import NamespacesRefused, SlurmCluster, make_root, slurm_available
 
 
 def _cluster(nodes: int) -> Iterator[SlurmCluster]:
-    reason = slurm_available()
-    if reason:
-        pytest.skip(reason)
+    require(slurm_available())
     root = make_root()
     try:
         cluster = SlurmCluster(root, nodes=nodes).start()
     except NamespacesRefused as err:  # a sandbox without them: the exact refusal, in the skip reason
         shutil.rmtree(root, ignore_errors=True)
-        pytest.skip(f"no two-node cluster here: {err}")
+        reason = f"no two-node cluster here: {err}"
+        if under_ci():
+            pytest.fail(f"CI=true and {reason}", pytrace=False)
+        pytest.skip(reason)
     try:
         yield cluster
     finally:

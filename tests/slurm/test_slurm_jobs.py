@@ -1,6 +1,6 @@
 """slurm/'s real batch scripts on a real (private, local) Slurm: a stage, preemption + requeue, two nodes.
 
-The jobs run the tiny CPU setup of tests/test_distributed.py: ``GPUS_PER_NODE`` processes per
+The jobs train the tiny CPU setup of tests/helpers/tiny_run.py: ``GPUS_PER_NODE`` processes per
 node (gloo), ``--gpus-per-node=0`` overriding the scripts' GPU request.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gad_megatron.data import read_jsonl
 from tests.helpers.tiny_run import write_tiny_setup
 from tests.slurm_cluster import SlurmCluster
 
@@ -25,10 +26,12 @@ EVAL_SBATCH = str(REPO / "slurm" / "eval.sbatch")
 
 
 def job_env(procs_per_node: int) -> dict[str, str]:
-    """What the submitting shell would have: the venv on PATH, the repo as GAD_HOME."""
+    """What the submitting shell would have: the venv on PATH, the repo as GAD_HOME (and first on
+    PYTHONPATH: the jobs run this checkout, whichever one the venv has installed)."""
     return {
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         "PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
         "GAD_HOME": str(REPO),
         "GPUS_PER_NODE": str(procs_per_node),
         "OMP_NUM_THREADS": "1",
@@ -42,8 +45,7 @@ def job_logs(tmp_path: Path, job: int) -> str:
 
 
 def metrics_steps(run: Path, stage: str) -> list[int]:
-    rows = [json.loads(line) for line in (run / stage / "metrics.jsonl").read_text().splitlines()]
-    return [r["step"] for r in rows if "policy_loss" in r]  # training-step rows (not the run summary)
+    return [r["step"] for r in read_jsonl(run / stage / "metrics.jsonl")]
 
 
 def test_gad_sbatch_trains_the_stage(slurm: SlurmCluster, tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -85,9 +87,18 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm: SlurmCluster, tmp
     stopped_at = [int(s) for s in re.findall(r"preempted after step (\d+): checkpoint written, exiting 75", logs)]
     assert len(stopped_at) == 2 and stopped_at[0] == stopped_at[1] and 1 <= stopped_at[0] < total, report  # both ranks
     assert f"requeueing job {job}" in logs and "--stage gad --resume" in logs, report
-    # Every step exactly once over the two runs: the resumed one started right after the checkpoint.
-    assert metrics_steps(tmp_path / "run", "gad") == list(range(1, total + 1)), report
-    assert (tmp_path / "run" / "gad" / "final" / "COMPLETE").is_file()
+    # The requeued run started from the preemption's checkpoint (the record no run truncates) ...
+    stage, k = tmp_path / "run" / "gad", stopped_at[0]
+    first, second = read_jsonl(stage / "starts.jsonl")
+    assert (first["resume"], first["step"], first["slurm_job_id"]) == (None, 0, str(job)), first
+    checkpoint = str(stage / "megatron" / f"iter_{k:07d}")
+    assert (second["resume"], second["checkpoint"], second["step"]) == ("latest", checkpoint, k), second
+    assert (second["slurm_job_id"], second["slurm_restart_count"]) == (str(job), 1), second
+    # ... and logged every step exactly once: those up to the checkpoint before the requeue, the rest after it.
+    rows = read_jsonl(stage / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, total + 1)), report
+    assert [r["time"] < second["time"] for r in rows] == [s <= k for s in range(1, total + 1)], report
+    assert (stage / "final" / "COMPLETE").is_file()
 
 
 @pytest.mark.slow  # 27-76 s here, with the CPU shared

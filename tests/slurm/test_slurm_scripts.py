@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.requires import require
 from tests.helpers.tiny_run import write_tiny_setup
 
 SLURM = Path(__file__).resolve().parents[2] / "slurm"
@@ -25,12 +26,20 @@ def test_every_stage_has_a_batch_script() -> None:
 def test_script_parses_and_is_shellcheck_clean(script: Path) -> None:
     proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck not installed (slurm/dev/install_local_slurm.sh installs it)")
+    require(None if shutil.which("shellcheck") else "shellcheck is not installed (slurm/dev/install_local_slurm.sh)")
     # -x and source-path: check the sbatch scripts together with the common.sh they source.
     proc = subprocess.run(["shellcheck", "-x", "--source-path=SCRIPTDIR", "--severity=style", str(script)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_install_script_fails_under_ci_only_where_it_cannot_install(tmp_path: Path, ci: str) -> None:
+    """An empty PATH: no Slurm to find, no apt-get to install it with."""
+    proc = subprocess.run([shutil.which("bash") or "bash", str(SLURM / "dev" / "install_local_slurm.sh")],
+                          env={"PATH": str(tmp_path), "CI": ci}, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == (1 if ci else 0), proc.stderr
+    assert "cannot install slurm-wlm munge shellcheck iproute2 util-linux here" in proc.stderr
 
 
 def test_run_info_reads_the_run_dir_with_overrides(tmp_path: Path) -> None:
