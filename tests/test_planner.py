@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from gad_megatron.cli import main
 from gad_megatron.config import ParallelConfig, parse_config
@@ -21,7 +21,9 @@ from gad_megatron.planner import (
     stage_params,
     state_bytes,
 )
+from tests.helpers.planner_memory import train_and_measure
 from tests.helpers.tiny_hf import save_tiny_model, tiny_config
+from tests.helpers.torchrun import ROOT, run_torchrun
 
 QWEN7B = ModelShape.from_hf(KNOWN_MODELS["qwen2.5-7b"])
 
@@ -56,6 +58,19 @@ def test_known_model_parameter_count() -> None:
     assert load_shape("meta-llama/Llama-3.1-8B-Instruct").layers == 32  # the table, offline
 
 
+# The output layer and the embedding are each 15% of these models' bytes, 31% of a stage's at PP=2.
+TINY = dict(hidden_size=128, intermediate_size=256, vocab_size=1000)
+# Measured: weights and grads exact, optimizer 1.0e-5 to 1.8e-5 over (Adam's 4-byte step counter per tensor).
+AGREEMENT = 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Qwen2 (untied, QKV bias) and Llama (tied embeddings)."""
+    root = tmp_path_factory.mktemp("planner")
+    return {family: save_tiny_model(root / family, family, **TINY) for family in ("qwen2", "llama")}
+
+
 @pytest.fixture(scope="module")
 def megatron_tp1() -> Iterator[None]:
     from gad_megatron.parallel.launch import destroy_distributed, init_distributed
@@ -65,40 +80,37 @@ def megatron_tp1() -> Iterator[None]:
     destroy_distributed()
 
 
-def _unique_bytes(tensors: list[torch.Tensor]) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
-    return sum(seen.values())
+def estimate(model_dir: str | Path, precision: str, distributed: bool, dp: int, pp: int, stage: int) -> dict[str, int]:
+    """The planner's {weights, grads, optimizer} of the policy at ``model_dir`` on one GPU of ``stage``."""
+    par = ParallelConfig(precision=precision, pipeline_parallel=pp, distributed_optimizer=distributed)
+    return state_bytes(load_shape(str(model_dir)), "policy", par, dp, stage)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])  # untied + QKV bias; tied
-def test_state_estimate_matches_allocated_bytes(megatron_tp1: None, tmp_path: Path, family: str) -> None:
-    """Weights + main grads + Adam states actually allocated by megatron-core, fp32 on CPU."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+@pytest.mark.parametrize(("family", "precision", "distributed"), [
+    ("qwen2", "fp32", True), ("llama", "fp32", False),  # fp32: the parameter is its own master copy
+    ("qwen2", "bf16", False), ("llama", "bf16", True),  # bf16: fp32 main params (Float16Optimizer / sharded)
+])  # fmt: skip
+def test_state_estimate_matches_allocated_bytes(megatron_tp1: None, tiny_dirs: dict[str, Path], family: str,
+                                                precision: str, distributed: bool) -> None:  # fmt: skip
+    """Weights, fp32 main grads and optimizer states megatron-core allocates after a trainer SFT step, TP=PP=DP=1."""
+    measured = train_and_measure(tiny_dirs[family], precision, distributed)
+    assert measured == pytest.approx(estimate(tiny_dirs[family], precision, distributed, 1, 1, 0), rel=AGREEMENT)
 
-    from gad_megatron.models.policy import build_policy
 
-    changes = dict(hidden_size=128, intermediate_size=256, vocab_size=1000)
-    policy = build_policy(save_tiny_model(tmp_path / family, family, **changes))
-    ddp = DistributedDataParallel(policy.config, DistributedDataParallelConfig(use_distributed_optimizer=True), policy.model)
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, use_distributed_optimizer=True), [ddp])
-    tokens = torch.randint(0, 1000, (2, 8))
-    ddp(tokens, torch.arange(8).expand(2, -1), None, labels=tokens).float().mean().backward()
-    ddp.finish_grad_sync()
-    optimizer.step()  # Adam allocates its moments on the first step
-
-    params = [p for p in ddp.parameters()]
-    grads = [p.main_grad for p in params]
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    states = [t for opt in inner for s in opt.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-    measured = _unique_bytes(params) + _unique_bytes(grads) + _unique_bytes(states)
-
-    shape = ModelShape.from_hf(tiny_config(family, **changes))
-    estimate = sum(state_bytes(shape, "policy", ParallelConfig(precision="fp32"), dp=1, stage=0).values())
-    assert estimate == pytest.approx(measured, rel=0.2)
+@pytest.mark.parametrize(("pp", "dp"), [(1, 2), (2, 1)], ids=["dp2-distributed-optimizer", "pp2"])
+def test_state_estimate_per_rank_matches_allocated_bytes(tiny_dirs: dict[str, Path], tmp_path: Path,
+                                                         pp: int, dp: int) -> None:  # fmt: skip
+    """bf16 with the distributed optimizer on 2 ranks (torchrun, gloo): at DP=2 each rank's optimizer shard,
+    at PP=2 each stage's parameters, the last stage's copy of Llama's tied embedding included."""
+    out = tmp_path / "bytes.json"
+    run_torchrun(ROOT / "tests/helpers/planner_memory.py", 2, str(out), str(pp), "bf16", "1",
+                 *map(str, tiny_dirs.values()))  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert sorted((row["model"], row["stage"], row["dp"]) for row in rows) == sorted(
+        (str(d), stage, dp) for d in tiny_dirs.values() for stage in range(pp) for _ in range(dp))
+    for row in rows:
+        measured = {key: row[key] for key in ("weights", "grads", "optimizer")}
+        assert measured == pytest.approx(estimate(row["model"], "bf16", True, dp, pp, row["stage"]), rel=AGREEMENT), row
 
 
 @pytest.mark.parametrize(("parallel", "nodes", "message"), [
