@@ -26,9 +26,11 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/gad quickstart
 
-# The Slurm tests bring up a real slurmctld + slurmd on 127.0.0.1: Debian's slurm-wlm and munge.
+# The Slurm tests bring up a real slurmctld + slurmd on 127.0.0.1 (Debian's slurm-wlm and munge);
+# the report test loads the HTML report in a headless Debian chromium.
 test: $(STAMP)
 	bash slurm/dev/install_local_slurm.sh
+	bash tools/install_debian_packages.sh "the report's browser test" chromium=chromium
 	$(BIN)/python -m pytest -q
 
 # On a GPU machine with the package importable (no .venv needed: `python3` with torch + CUDA).

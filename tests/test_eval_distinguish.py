@@ -11,6 +11,9 @@ from gad_megatron.evaluation.distinguish import distinguishability, featurize, w
 WORDS = "the a cat dog sat ran on over mat hill quickly slowly green red house tree".split()
 
 
+EPOCHS, LR = 10, 3e-4  # enough for a fresh tiny D to learn a sign-off (1.0 here; 6 epochs at 1e-3 give 0.75)
+
+
 def _sentences(seed: int, n: int, prefix: str = "") -> list[str]:
     rng = random.Random(seed)
     return [prefix + " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20))) + "." for _ in range(n)]
@@ -66,6 +69,8 @@ def test_discriminator_classifier_same_protocol(tiny_model_dir):
     res = discriminator_distinguishability(str(tiny_model_dir), prompts, texts, list(texts), epochs=1, batch_size=4)
     assert res["accuracy"] == pytest.approx(0.5) and res["n_test"] == 12
     assert res["classifier"].startswith("discriminator")
+    # A sign-off on every teacher answer, right before the scored end-of-turn token: trained long enough,
+    # the fresh D tells the two sides apart on the held-out half.
     styled = discriminator_distinguishability(str(tiny_model_dir), prompts, [t + " Hope this helps!" for t in texts],
-                                              texts, epochs=1, batch_size=4)
-    assert 0.0 <= styled["accuracy"] <= 1.0 and styled["ci_low"] <= styled["accuracy"] <= styled["ci_high"]
+                                              texts, epochs=EPOCHS, lr=LR, batch_size=4)
+    assert styled["accuracy"] >= 0.9 and styled["ci_low"] <= styled["accuracy"] <= styled["ci_high"]

@@ -11,6 +11,7 @@ import pytest
 from gad_megatron.config import TeacherConfig, parse_config
 from gad_megatron.data import read_jsonl, write_jsonl
 from gad_megatron.evaluation.judge import format_demo_messages, judge_pairs, judge_references, parse_ratings, rating_messages
+from gad_megatron.evaluation.metrics import rouge_l_f1
 from gad_megatron.teacher import Completion
 from tests.helpers.shared_data import shared_data_dir
 
@@ -150,7 +151,10 @@ def test_judge_end_to_end_real_server(tmp_path, tiny_model_dir):
     teacher_rows = read_jsonl(run / "generations" / "teacher" / "vicuna80.jsonl")
     assert [r["id"] for r in teacher_rows] == [p["id"] for p in prompts] and all(r["response"] for r in teacher_rows)
     assert (run / "teacher_cache.sqlite").is_file()
-    assert 0.0 <= first["results"]["cand"]["vicuna80"]["rouge_l"] <= 1.0  # scored against the fetched answers
+    # Scored against the fetched answers: recomputed here from the two texts of each prompt.
+    cand_texts = {r["id"]: r["response"] for r in read_jsonl(run / "generations" / "cand" / "vicuna80.jsonl")}
+    expected_rouge = sum(rouge_l_f1(cand_texts[t["id"]], t["response"]) for t in teacher_rows) / len(teacher_rows)
+    assert first["results"]["cand"]["vicuna80"]["rouge_l"] == pytest.approx(expected_rouge, abs=1e-12)
 
     # References written by the judge, one per prompt.
     refs = read_jsonl(run / "eval" / "judge_references" / "vicuna80.jsonl")
@@ -172,9 +176,18 @@ def test_judge_end_to_end_real_server(tmp_path, tiny_model_dir):
                 else:
                     assert 1 <= j[order]["candidate"] <= 10 and 1 <= j[order]["reference"] <= 10
         assert summary["n_unparseable"] == unparseable and summary["n_failed"] == 0
-        assert summary["n_scored"] + summary["n_unscored"] == 2
-        if summary["n_scored"]:
-            assert 0 < summary["score"] < 100
+        # The suite score from the parsed ratings of each order: per prompt, the candidate's mean rating
+        # over (candidate + reference) means; the mean over scored prompts, x 100.
+        per_prompt = []
+        for row in details:
+            parsed = [row["judge"][o] for o in ("cand_first", "cand_second") if "status" not in row["judge"][o]]
+            if parsed:
+                c = sum(p["candidate"] for p in parsed) / len(parsed)
+                r = sum(p["reference"] for p in parsed) / len(parsed)
+                per_prompt.append(c / (c + r))
+        assert summary["n_scored"] == len(per_prompt) and summary["n_unscored"] == 2 - len(per_prompt)
+        if per_prompt:
+            assert summary["score"] == pytest.approx(100 * sum(per_prompt) / len(per_prompt), abs=1e-9)
         else:
             assert summary["score"] is None
 

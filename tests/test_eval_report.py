@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -23,7 +24,9 @@ from gad_megatron.config import parse_config
 from gad_megatron.data import read_jsonl, write_jsonl
 from gad_megatron.evaluation.evaluate import evaluate_run
 from gad_megatron.evaluation.generate import run_generate
+from gad_megatron.evaluation.metrics import rouge_l_f1
 from gad_megatron.evaluation.report import plot_training_curves, write_report
+from tests.helpers.requires import require
 from tests.helpers.shared_data import shared_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,35 +84,48 @@ def trained_run(tmp_path_factory, tiny_model_dir):
     return parse_config(raw)
 
 
-def test_sweep_eval_report(trained_run):
-    cfg = trained_run
-    run = Path(cfg.run_dir)
-    assert (run / "warmup" / "metrics.jsonl").is_file() and (run / "gad" / "metrics.jsonl").is_file()
-
-    assert run_generate(cfg, sweep=str(run)) == 0
-    tags = sorted(p.name for p in (run / "generations").iterdir())
-    assert tags == ["gad-final", "gad-step2", "warmup-final", "warmup-step2"]
-    # The teacher's answers to the eval prompts (as `gad eval` would fetch them from the endpoint).
+@pytest.fixture(scope="module")
+def reported_run(trained_run):
+    """The trained run after `gad generate --sweep`, `gad eval` (teacher answers written as the endpoint
+    would have fetched them) and `gad report`: (config, the value evaluate_run returned)."""
+    run = Path(trained_run.run_dir)
+    assert run_generate(trained_run, sweep=str(run)) == 0
     prompts = read_jsonl(run / "generations" / "gad-final" / "vicuna80.jsonl")
     write_jsonl(run / "generations" / "teacher" / "vicuna80.jsonl",
                 [{"id": r["id"], "prompt": r["prompt"], "response": f"In short: answer {i} to the question, café 你好.",
                   "num_tokens": 9, "finish_reason": "stop", "model": "teacher"} for i, r in enumerate(prompts)])
+    res = evaluate_run(trained_run)
+    assert cli.main(["report", str(run)]) == 0
+    return trained_run, res
 
-    res = evaluate_run(cfg)
+
+def test_sweep_eval_report(reported_run):
+    cfg, res = reported_run
+    run = Path(cfg.run_dir)
+    assert (run / "warmup" / "metrics.jsonl").is_file() and (run / "gad" / "metrics.jsonl").is_file()
+    tags = sorted(p.name for p in (run / "generations").iterdir())
+    assert tags == ["gad-final", "gad-step2", "teacher", "warmup-final", "warmup-step2"]
+
     saved = json.loads((run / "eval" / "results.json").read_text())
     assert saved["models"] == ["warmup-step2", "warmup-final", "gad-step2", "gad-final", "teacher"]
     assert saved["suites"] == ["vicuna80"]
     m = saved["results"]["gad-final"]["vicuna80"]
-    assert m["n"] == 4 and 0.0 <= m["rouge_l"] <= 1.0 and set(m["ngram_f1"]) == {"1", "2", "3", "4", "5", "6"}
-    assert m["length"]["count"] == 4 and 0.0 <= m["truncated_frac"] <= 1.0
-    assert m["distinguishability"]["n_test"] == 8 and 0.0 <= m["distinguishability"]["accuracy"] <= 1.0
+    # Recomputed from the generations the numbers come from.
+    gen = read_jsonl(run / "generations" / "gad-final" / "vicuna80.jsonl")
+    teacher = {r["id"]: r["response"] for r in read_jsonl(run / "generations" / "teacher" / "vicuna80.jsonl")}
+    assert m["n"] == len(gen) == 4 and set(m["ngram_f1"]) == {"1", "2", "3", "4", "5", "6"}
+    assert m["rouge_l"] == pytest.approx(sum(rouge_l_f1(r["response"], teacher[r["id"]]) for r in gen) / 4, abs=1e-12)
+    assert m["length"]["count"] == 4
+    assert m["truncated_frac"] == sum(r["finish_reason"] == "length" for r in gen) / 4
+    # Every teacher answer starts "In short:" and no sampled answer of a random tiny model does:
+    # the held-out n-gram classifier separates them all.
+    assert m["distinguishability"]["n_test"] == 8 and m["distinguishability"]["accuracy"] == 1.0
     assert m["loglik"]["under_teacher"]["mean_token_loglik"] < 0 and m["loglik"]["under_teacher"]["tokens"] > 0
     assert m["loglik"]["teacher_under_model"]["mean_token_loglik"] < 0
     assert "rouge_l" not in saved["results"]["teacher"]["vicuna80"]  # not scored against itself
     assert len(read_jsonl(run / "eval" / "gad-final" / "vicuna80.jsonl")) == 4
     assert res["results"].keys() == saved["results"].keys()
 
-    assert cli.main(["report", str(run)]) == 0
     out = run / "report"
     md = (out / "report.md").read_text(encoding="utf-8")
     assert "| model |" in md and "gad-final" in md and "ROUGE-L" in md
@@ -131,17 +147,15 @@ def test_sweep_eval_report(trained_run):
     assert "<h2>Examples</h2>" in html_text
 
 
-def test_headless_browser_loads_images(trained_run):
-    out = Path(trained_run.run_dir) / "report"
-    if not (out / "report.html").is_file():
-        pytest.skip("report not written (test_sweep_eval_report failed)")
+def test_headless_browser_loads_images(reported_run):
+    require(None if shutil.which("chromium") else "chromium is not installed (apt-get install chromium)")
+    out = Path(reported_run[0].run_dir) / "report"
     script = ROOT / "bench" / "eval_report_browser.py"
     proc = subprocess.run([sys.executable, str(script), str(out / "report.html")], capture_output=True, text=True, timeout=180)
-    if proc.returncode == 77:
-        pytest.skip("chromium not installed (apt-get install chromium)")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, result
     assert result["images"] == result["loaded"] == 3
+    assert all(int(w) > 200 and int(h) > 100 for w, h in (s.split("x") for s in result["sizes"]))
 
 
 def test_curves_tolerate_missing_keys_and_bad_lines(tmp_path):

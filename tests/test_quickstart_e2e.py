@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from gad_megatron.data import read_jsonl
+from gad_megatron.evaluation.distinguish import wilson_interval
+from gad_megatron.style import load_teacher_style, style_match
+
 
 def quickstart(run_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gad_megatron.cli", "quickstart", "--tiny", "--run-dir", str(run_dir)],
@@ -25,12 +29,21 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path: Path) -> None:
 
     results = json.loads((run / "eval" / "results.json").read_text())
     assert results["models"] == ["smollm2-135m-instruct", "seqkd-final", "gad-final", "teacher"]
+    style = load_teacher_style()
     for tag in results["models"]:
         m = results["results"][tag]["test"]
-        assert 0.0 <= m["style_rate"] <= 1.0 and m["len_mean"] > 0
+        # Recomputed from the files the numbers come from: the generations and the per-prompt details.
+        responses = [r["response"] for r in read_jsonl(run / "generations" / tag / "test.jsonl")]
+        assert len(responses) == m["n"]
+        assert m["style_rate"] == sum(style_match(t, style) for t in responses) / len(responses)
+        lengths = [d["num_tokens"] for d in read_jsonl(run / "eval" / tag / "test.jsonl")]
+        assert len(lengths) == m["n"] and m["len_mean"] == pytest.approx(sum(lengths) / len(lengths)) and m["len_mean"] > 0
         assert m["loglik"]["under_teacher"]["mean_token_loglik"] < 0
     for tag in ("smollm2-135m-instruct", "seqkd-final", "gad-final"):
-        assert 0.0 <= results["results"][tag]["test"]["distinguishability"]["accuracy"] <= 1.0
+        d = results["results"][tag]["test"]["distinguishability"]
+        correct = round(d["accuracy"] * d["n_test"])
+        assert d["accuracy"] == correct / d["n_test"] and d["n_test"] == 2 * d["n_prompts"]
+        assert (d["ci_low"], d["ci_high"]) == pytest.approx(wilson_interval(correct, d["n_test"]))
     gad_rows = [json.loads(l) for l in (run / "gad" / "metrics.jsonl").read_text().splitlines()]
     assert any("d_acc" in r and "reward_mean" in r for r in gad_rows)
     # finished stages keep final/ weights only: no resumable checkpoints (optimizer states), no duplicate

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,18 @@ def _full_forward_logprobs(model, prompt: list[int], completion: list[int], temp
     return logp_TV.gather(-1, torch.tensor(completion)[:, None]).squeeze(1).tolist()
 
 
-def test_is_an_inference_engine(engine: TransformersEngine) -> None:
-    assert isinstance(engine, InferenceEngine)
-    engine.sleep()
-    engine.wake()
+@pytest.mark.parametrize("engine_class", ["TransformersEngine", "VLLMEngine"])
+def test_engines_keep_the_protocol_signatures(engine_class: str) -> None:
+    """Both engines take exactly the protocol's parameters (names, defaults, order): the trainer calls
+    them by keyword through ``InferenceEngine``; ``runtime_checkable`` only checks that names exist."""
+    from gad_megatron.rollout import hf_engine, vllm_engine  # vllm_engine imports vLLM lazily
+
+    cls = getattr(hf_engine, engine_class, None) or getattr(vllm_engine, engine_class)
+    for name in ("generate", "update_weights", "sleep", "wake"):
+        want = inspect.signature(getattr(InferenceEngine, name))
+        got = inspect.signature(getattr(cls, name))
+        assert [(p.name, p.default, p.kind) for p in got.parameters.values()] == \
+            [(p.name, p.default, p.kind) for p in want.parameters.values()], (engine_class, name, got)
 
 
 def test_greedy_matches_hf_generate(engine: TransformersEngine, prompts: list[list[int]], tiny_tokenizer) -> None:
