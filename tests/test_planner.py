@@ -74,8 +74,8 @@ def test_qwen3_parameter_count_equals_the_real_model(name: str, role: str) -> No
     with torch.device("meta"):
         real = sum(p.numel() for p in auto.from_config(config).parameters())
     assert sum(stage_params(ModelShape.from_hf(known), role, 1, 1, 0)) == real
-    # the model cards: Qwen3-4B 4.0B, Qwen3-8B 8.2B parameters
-    assert real / 1e9 == pytest.approx({"qwen3-4b": 4.02, "qwen3-8b": 8.19}[name], abs=0.62 if role == "discriminator" else 0.01)
+    if role == "policy":  # the model cards: Qwen3-4B 4.0B, Qwen3-8B 8.2B parameters
+        assert real / 1e9 == pytest.approx({"qwen3-4b": 4.02, "qwen3-8b": 8.19}[name], abs=0.01)
 
 
 # The output layer and the embedding are each 15% of these models' bytes, 31% of a stage's at PP=2.
