@@ -15,8 +15,9 @@ Memory model, per GPU, for the pipeline stage that needs the most (every stage i
 * activations (no recompute, flash attention, no sequence parallelism: D refuses it), after
   Korthikanti et al. 2022 "Reducing Activation Recomputation", section 4, for SwiGLU + GQA
   without dropout, bytes per token per layer in bf16:
-  ``8h`` replicated (both norms' inputs and outputs) + ``(4h + 4 kv_dim + 6 ffn) / TP``
-  (Q, K, V, attention output, gate+up, SwiGLU output). With the 1F1B schedule the first stage
+  ``8h`` replicated (both norms' inputs and outputs) + ``(4 q_dim + 4 kv_dim + 6 ffn) / TP``
+  (Q, K, V, attention output, gate+up, SwiGLU output; q_dim = heads x head_dim, which is h
+  except in Qwen3), and with q/k norms their inputs, ``2 (q_dim + kv_dim) / TP``. With the 1F1B schedule the first stage
   keeps PP micro-batches in flight, so every stage holds about all L layers' worth of one
   micro-batch (Korthikanti et al., 4.2).
 * G's logits: bf16 [tokens, vocab/TP] and their gradient (loss.py works in fp32 on chunks only).
@@ -180,7 +181,9 @@ def state_bytes(shape: ModelShape, role: str, parallel: ParallelConfig, dp: int,
 def activation_bytes(shape: ModelShape, parallel: ParallelConfig, with_logits: bool) -> dict[str, int]:
     """Activations of one micro-batch of ``micro_batch_tokens`` (see the module docstring)."""
     h, tp, tokens = shape.hidden, parallel.tensor_parallel, parallel.micro_batch_tokens
-    per_token_layer = 8 * h + (4 * h + 4 * shape.kv_heads * shape.head_dim + 6 * shape.ffn) // tp
+    q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    split = 4 * q_dim + 4 * kv_dim + 6 * shape.ffn + (2 * (q_dim + kv_dim) if shape.qk_norm else 0)
+    per_token_layer = 8 * h + split // tp
     scale = 2 if parallel.precision == "fp32" else 1
     out = {"activations": tokens * per_token_layer * shape.layers * scale}
     if with_logits:
