@@ -71,7 +71,7 @@ class TensorRule:
 
 _M, _H = "decoder.layers.{layer}.", "model.layers.{layer}."
 
-# Llama layout, shared by every family here (Qwen2 adds the QKV bias).
+# Llama layout, shared by every family here (Qwen2 adds the QKV bias, Qwen3 the q/k norms).
 DECODER_RULES: tuple[TensorRule, ...] = (
     TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Split.VOCAB),
     TensorRule(_M + "input_layernorm.weight", (_H + "input_layernorm.weight",), Split.REPLICATED,
@@ -126,8 +126,8 @@ FAMILIES: tuple[Family, ...] = (
     # Qwen2 and Qwen2.5: biases on q, k, v only; 0.5B-3B tie their embeddings, 7B+ do not.
     Family("qwen2", ("qwen2",), "Qwen2", qkv_bias=True,
            required=(("hidden_act", "silu"), ("use_sliding_window", False))),
-    # Qwen3 dense: q/k norms, head_dim given apart from hidden/heads (4B: 2560 = 32 x 80 but 128),
-    # no biases. attention_bias=True would put one on o_proj too, which megatron-core only has
+    # Qwen3 dense: q/k norms, head_dim apart from hidden / heads (4B: 128, not 2560 / 32), no biases.
+    # attention_bias=True would put one on o_proj too, which megatron-core only has
     # together with biases on every linear layer (add_bias_linear): refused.
     Family("qwen3", ("qwen3",), "Qwen3", qkv_bias=False, qk_norm=True,
            required=(("hidden_act", "silu"), ("attention_bias", False), ("use_sliding_window", False))),
@@ -349,8 +349,8 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, pp: int = 1, dtype: 
     """megatron-core ``TransformerConfig`` equivalent to an HF Llama/Qwen2/Qwen3 config.
 
     RMSNorm, SwiGLU (``gated_linear_unit`` + silu), grouped-query attention with ``kv_channels``
-    = head_dim, biases only on QKV where the family has them, q/k RMSNorm where it has them
-    (the layer spec must then have q/k layernorm modules: ``policy.layer_spec``), no dropout (RL fine-tuning; HF's configs say 0 too).
+    = head_dim, QKV biases and q/k RMSNorm where the family has them (the layer spec then needs
+    q/k norm modules: ``policy.layer_spec``), no dropout (RL fine-tuning; HF's configs say 0 too).
     ``overrides`` go to TransformerConfig last (e.g. ``recompute_granularity``).
     """
     import torch.nn.functional as F
