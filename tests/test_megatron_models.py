@@ -52,7 +52,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "l
 
 
 @pytest.mark.parametrize(("family", "changes"), [
-    ("llama", {}), ("qwen2", {}), ("llama", {"rope_parameters": LLAMA3_ROPE}), ("qwen3", {}), ("qwen3", {"tied": False}),
+    ("llama", {}), ("qwen2", {}), ("llama", {"rope_parameters": LLAMA3_ROPE}),
+    ("qwen3", {}), ("qwen3", {"tied": False}),
 ], ids=["llama", "qwen2", "llama3-rope-scaling", "qwen3-tied", "qwen3-untied"])  # fmt: skip
 def test_tp1_policy_logits_match_transformers(megatron_tp1: None, tmp_path: Path, family: str, changes: dict) -> None:
     from transformers import AutoModelForCausalLM
