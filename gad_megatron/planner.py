@@ -15,8 +15,9 @@ Memory model, per GPU, for the pipeline stage that needs the most (every stage i
 * activations (no recompute, flash attention, no sequence parallelism: D refuses it), after
   Korthikanti et al. 2022 "Reducing Activation Recomputation", section 4, for SwiGLU + GQA
   without dropout, bytes per token per layer in bf16:
-  ``8h`` replicated (both norms' inputs and outputs) + ``(4h + 4 kv_dim + 6 ffn) / TP``
-  (Q, K, V, attention output, gate+up, SwiGLU output). With the 1F1B schedule the first stage
+  ``8h`` replicated (both norms' inputs and outputs) + ``(4 q_dim + 4 kv_dim + 6 ffn) / TP``
+  (Q, K, V, attention output, gate+up, SwiGLU output; q_dim = heads x head_dim, which is h
+  except in Qwen3), and with q/k norms their inputs, ``2 (q_dim + kv_dim) / TP``. With the 1F1B schedule the first stage
   keeps PP micro-batches in flight, so every stage holds about all L layers' worth of one
   micro-batch (Korthikanti et al., 4.2).
 * G's logits: bf16 [tokens, vocab/TP] and their gradient (loss.py works in fp32 on chunks only).
@@ -35,11 +36,11 @@ from types import SimpleNamespace
 from typing import Any
 
 from gad_megatron.config import ConfigError, ParallelConfig, RunConfig
+from gad_megatron.models.families import FAMILIES
 
 GIB = 1024**3
 OVERHEAD_BYTES = 3 * GIB  # CUDA context ~0.5, NCCL communicators ~1, allocator fragmentation ~1.5 GiB
 VOCAB_DIVISIBLE_BY = 128  # Megatron pads the vocabulary to a multiple of 128 x TP (never refused)
-QKV_BIAS_TYPES = {"qwen2"}
 
 # HF config values of the preset models (their config.json on the hub), for offline planning.
 _QWEN = dict(model_type="qwen2", vocab_size=151936, tie_word_embeddings=True)
@@ -58,6 +59,13 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
                      "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
                      "tie_word_embeddings": False},
+    # Qwen3 dense: head_dim 128 is not hidden / heads (4B: 2560 / 32 = 80).
+    "qwen3-4b": {"model_type": "qwen3", "num_hidden_layers": 36, "hidden_size": 2560, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 9728, "vocab_size": 151936,
+                 "tie_word_embeddings": True},
+    "qwen3-8b": {"model_type": "qwen3", "num_hidden_layers": 36, "hidden_size": 4096, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288, "vocab_size": 151936,
+                 "tie_word_embeddings": False},
     "smollm2-135m": {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
                      "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
                      "tie_word_embeddings": True},
@@ -81,19 +89,21 @@ class ModelShape:
     vocab: int
     tied: bool
     qkv_bias: bool
+    qk_norm: bool = False  # a [head_dim] RMSNorm weight each for queries and keys, per layer
 
     @classmethod
     def from_hf(cls, config: Any) -> "ModelShape":
         if isinstance(config, dict):
             config = SimpleNamespace(**config)
         heads = config.num_attention_heads
+        family = next((f for f in FAMILIES if getattr(config, "model_type", None) in f.model_types), None)
         return cls(
             layers=config.num_hidden_layers, hidden=config.hidden_size, heads=heads,
             kv_heads=getattr(config, "num_key_value_heads", None) or heads,
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             ffn=config.intermediate_size, vocab=config.vocab_size,
             tied=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=getattr(config, "model_type", None) in QKV_BIAS_TYPES,
+            qkv_bias=bool(family and family.qkv_bias), qk_norm=bool(family and family.qk_norm),
         )  # fmt: skip
 
 
@@ -135,7 +145,8 @@ def stage_params(shape: ModelShape, role: str, tp: int, pp: int, stage: int) -> 
     h, q_dim, kv_dim = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     layers = shape.layers // pp
     linear = layers * (h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * shape.ffn) // tp
-    other = layers * (2 * h + ((q_dim + 2 * kv_dim) // tp if shape.qkv_bias else 0))  # norms replicated, bias split
+    norms = 2 * h + (2 * shape.head_dim if shape.qk_norm else 0)  # replicated on every TP rank
+    other = layers * (norms + ((q_dim + 2 * kv_dim) // tp if shape.qkv_bias else 0))  # bias split
     embedding = padded_vocab(shape.vocab, tp) * h // tp
     if stage == 0:
         other += embedding
@@ -170,7 +181,9 @@ def state_bytes(shape: ModelShape, role: str, parallel: ParallelConfig, dp: int,
 def activation_bytes(shape: ModelShape, parallel: ParallelConfig, with_logits: bool) -> dict[str, int]:
     """Activations of one micro-batch of ``micro_batch_tokens`` (see the module docstring)."""
     h, tp, tokens = shape.hidden, parallel.tensor_parallel, parallel.micro_batch_tokens
-    per_token_layer = 8 * h + (4 * h + 4 * shape.kv_heads * shape.head_dim + 6 * shape.ffn) // tp
+    q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    split = 4 * q_dim + 4 * kv_dim + 6 * shape.ffn + (2 * (q_dim + kv_dim) if shape.qk_norm else 0)
+    per_token_layer = 8 * h + split // tp
     scale = 2 if parallel.precision == "fp32" else 1
     out = {"activations": tokens * per_token_layer * shape.layers * scale}
     if with_logits:

@@ -27,7 +27,7 @@ def hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("role", ["policy", "discriminator"])
 @pytest.mark.parametrize("spec", ["local", "te"])
 def test_round_trip_tp2_pp2_is_bit_exact(family: str, role: str, spec: str) -> None:
@@ -59,6 +59,26 @@ def test_stage_contents_and_shapes_llama_tied_tp2_pp2() -> None:
     assert first["decoder.layers.0.self_attention.linear_qkv.weight"].shape == (64, 64)
     assert first["decoder.layers.0.mlp.linear_fc1.weight"].shape == (96, 64)
     assert first["decoder.layers.0.mlp.linear_fc2.weight"].shape == (64, 48)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen3_stage_shapes_use_head_dim_and_replicate_qk_norms(tied: bool) -> None:
+    """Qwen3 at TP=2: QKV rows and the output projection's columns are heads x head_dim (32), not
+    the hidden size (64); each TP rank holds the whole [head_dim] q and k norms."""
+    model = tiny_model("qwen3", tied=tied)
+    layout = layout_from_hf(model.config, tp=2, pp=2)
+    shards = hf_to_megatron(hf_state(model), layout)
+    attention = "decoder.layers.0.self_attention."
+    for tp_rank in range(2):
+        first = shards[(tp_rank, 0)]
+        assert first[attention + "linear_qkv.weight"].shape == (128, 64)  # 1 group x (2 q + k + v) x 32
+        assert first[attention + "linear_proj.weight"].shape == (64, 64)  # 128 / TP input columns
+        for norm in ("q_layernorm", "k_layernorm"):
+            hf = model.state_dict()[f"model.layers.0.self_attn.{norm[0]}_norm.weight"]
+            assert hf.shape == (32,) and torch.equal(first[attention + norm + ".weight"], hf)
+        assert attention + "linear_qkv.bias" not in first
+    assert layout.tied == tied and "output_layer.weight" in shards[(0, 1)]  # PP=2: the tied copy or lm_head
+    assert ("output_layer.weight" in layout_from_hf(model.config).megatron_names()) != tied  # PP=1
 
 
 def test_tied_single_stage_has_no_output_layer_and_qwen_bias_mapped() -> None:
@@ -141,6 +161,7 @@ def test_llama3_rope_scaling_maps_to_gpt_model_kwargs() -> None:
         ("qwen2", {}, 1, 3, "PP=3 does not divide the 4 layers"),
         ("llama", {"attention_bias": True}, 1, 1, "attention_bias=True is not supported"),
         ("qwen2", {"use_sliding_window": True}, 1, 1, "use_sliding_window=True is not supported"),
+        ("qwen3", {"attention_bias": True}, 1, 1, "qwen3: attention_bias=True is not supported"),
         ("llama", {"hidden_act": "gelu"}, 1, 1, "hidden_act='gelu' is not supported"),
         ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, 1, 1,
          "unsupported RoPE scaling type 'yarn'"),

@@ -1,8 +1,9 @@
 """``tools/convert_checkpoint.py``: HF -> Megatron at TP=2 x PP=2 -> HF at TP=1, bit-exact.
 
-Tiny Llama (tied embeddings) and Qwen2 (untied, QKV bias), each as policy and discriminator:
-the Llama D keeps an HF sequence-classification ``score.weight``, the Qwen2 D is made from the
-causal LM with a seeded new head. All four imports run in one 4-process torchrun launch (with
+Tiny Llama (tied embeddings), Qwen2 (untied, QKV bias) and Qwen3 (untied here, q/k norms,
+head_dim != hidden / heads), each as policy and discriminator: the Llama and Qwen3 Ds keep an HF
+sequence-classification ``score.weight``, the Qwen2 D is made from the causal LM with a seeded
+new head. All six imports run in one 4-process torchrun launch (with
 a TP=1 import exported at TP=2 x PP=2), the exports (and our D's scores) in one single-process
 launch.
 """
@@ -32,8 +33,11 @@ MODELS = {
     "llama-discriminator": ("llama-seqcls", "--role discriminator"),
     "qwen2-policy": ("qwen2-policy", "--role policy"),
     "qwen2-discriminator": ("qwen2-policy", "--role discriminator --seed 5"),
+    "qwen3-policy": ("qwen3-policy", "--role policy"),
+    "qwen3-discriminator": ("qwen3-seqcls", "--role discriminator"),
 }
-DISCRIMINATORS = ("llama-discriminator", "qwen2-discriminator")
+DISCRIMINATORS = ("llama-discriminator", "qwen2-discriminator", "qwen3-discriminator")
+ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 def launch(nproc: int, report: Path, *entries: str) -> dict[str, Any]:
@@ -58,6 +62,8 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     save_tokenizer(work / "hf" / "llama-policy")
     save_tiny_model(work / "hf" / "llama-seqcls", "llama", "discriminator", seed=1)
     save_tiny_model(work / "hf" / "qwen2-policy", "qwen2", "policy", seed=2)
+    save_tiny_model(work / "hf" / "qwen3-policy", "qwen3", "policy", seed=3, tied=False)
+    save_tiny_model(work / "hf" / "qwen3-seqcls", "qwen3", "discriminator", seed=4)
     imports = [f"import --model {work / 'hf' / src} {args} --tp 2 --pp 2 --out {work / 'mg' / name}"
                for name, (src, args) in MODELS.items()]  # fmt: skip
     # The other way round too: imported at TP=1 (4 data-parallel replicas), exported at TP=2 x PP=2.
@@ -95,7 +101,7 @@ def test_import_at_tp2_pp2_then_export_at_tp1_is_bit_exact(converted: tuple) -> 
             assert got[key].dtype == tensor.dtype and torch.equal(got[key], tensor), (name, key)
         architecture = json.loads((work / "out" / name / "config.json").read_text())["architectures"]
         suffix = "ForSequenceClassification" if role == "discriminator" else "ForCausalLM"
-        assert architecture == [("Llama" if name.startswith("llama") else "Qwen2") + suffix]
+        assert architecture == [ARCHITECTURES[name.split("-")[0]] + suffix]
     assert read_meta(work / "mg" / "qwen2-tp1")["layout"] == {"world_size": 4, "tp": 1, "pp": 1}
     source, got = tensors(work / "hf" / "qwen2-policy"), tensors(work / "out" / "qwen2-tp1")
     assert got.keys() == source.keys() and all(torch.equal(got[k], v) for k, v in source.items())

@@ -62,3 +62,26 @@ def test_transformers_engine_generates_on_the_gpu(tmp_path: Path, tiny_model_dir
         assert engine.device.type == "cuda" and next(engine.model.parameters()).is_cuda
     finally:
         destroy_distributed()
+
+
+def test_qwen3_under_the_transformer_engine_spec_matches_transformers(tmp_path: Path) -> None:
+    """Qwen3's q/k norms as TE's spec builds them (TENorm, same tensor names as the local spec)
+    and head_dim 32 != hidden / heads: fp32 logits against transformers on the GPU."""
+    pytest.importorskip("transformer_engine")
+    from transformers import AutoModelForCausalLM
+
+    from gad_megatron.models.policy import build_policy, full_logits
+    from gad_megatron.parallel.launch import destroy_distributed, init_distributed
+    from tests.helpers.tiny_hf import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "qwen3", "qwen3")
+    init_distributed(1, 1, 0)
+    try:
+        policy = build_policy(model_dir)
+        assert policy.layout.spec == "te"
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+        ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0)).cuda()
+        with torch.no_grad():
+            assert (full_logits(policy, ids) - hf(ids).logits).abs().max().item() < 1e-3
+    finally:
+        destroy_distributed()

@@ -6,13 +6,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers.torchrun import ENV, ROOT, free_port
 
 
-def test_check_at_tensor_parallel_two_matches_transformers(tiny_model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def tiny_qwen3_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A Qwen3 (q/k norms, head_dim 32 != 64 / 4) with the tiny Llama's tokenizer."""
+    from gad_megatron.models.sources import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("qwen3") / "model", str(tiny_model_dir), family="qwen3")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_check_at_tensor_parallel_two_matches_transformers(request: pytest.FixtureRequest, family: str) -> None:
+    model_dir = request.getfixturevalue({"llama": "tiny_model_dir", "qwen3": "tiny_qwen3_dir"}[family])
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), "-m", "gad_megatron.cli", "check", "--model", str(tiny_model_dir),
+         "--master_port", str(free_port()), "-m", "gad_megatron.cli", "check", "--model", str(model_dir),
          "--tp", "2", "--prompt", "Hello there"],
         env=ENV, capture_output=True, text=True, timeout=600, cwd=ROOT,
     )  # fmt: skip

@@ -17,7 +17,7 @@ from gad_megatron.discriminator import score_sequences
 from gad_megatron.models.discriminator import align_left, load_discriminator, new_head_weight, scores
 from gad_megatron.models.policy import build_policy, full_logits
 from tests.helpers.megatron_parity import padded_batch
-from tests.helpers.tiny_hf import save_tiny_model
+from tests.helpers.tiny_hf import FAMILIES, save_tiny_model
 from tests.helpers.torchrun import run_torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "megatron_parity.py"
@@ -40,7 +40,7 @@ def run_parity(tmp_path: Path, nproc: int, *args: str) -> dict[str, dict[str, fl
 
 
 def assert_parity(report: dict[str, float]) -> None:
-    for family in ("llama", "qwen2"):
+    for family in FAMILIES:
         assert report[f"{family}/logits"] < TOLERANCE, report
         assert report[f"{family}/score"] < TOLERANCE, report
         assert report[f"{family}/score_left_vs_right"] < 1e-5, report
@@ -51,8 +51,10 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "l
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
 
 
-@pytest.mark.parametrize(("family", "changes"), [("llama", {}), ("qwen2", {}), ("llama", {"rope_parameters": LLAMA3_ROPE})],
-                         ids=["llama", "qwen2", "llama3-rope-scaling"])  # fmt: skip
+@pytest.mark.parametrize(("family", "changes"), [
+    ("llama", {}), ("qwen2", {}), ("llama", {"rope_parameters": LLAMA3_ROPE}),
+    ("qwen3", {}), ("qwen3", {"tied": False}),
+], ids=["llama", "qwen2", "llama3-rope-scaling", "qwen3-tied", "qwen3-untied"])  # fmt: skip
 def test_tp1_policy_logits_match_transformers(megatron_tp1: None, tmp_path: Path, family: str, changes: dict) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -65,7 +67,8 @@ def test_tp1_policy_logits_match_transformers(megatron_tp1: None, tmp_path: Path
         assert (logits - hf(ids).logits).abs().max().item() < TOLERANCE
 
 
-@pytest.mark.parametrize(("family", "source"), [("llama", "discriminator"), ("qwen2", "policy")])
+@pytest.mark.parametrize(("family", "source"), [("llama", "discriminator"), ("qwen2", "policy"),
+                                                ("qwen3", "discriminator")])  # fmt: skip
 def test_tp1_discriminator_scores_match_transformers(megatron_tp1: None, tmp_path: Path, family: str, source: str) -> None:
     """From a saved HF D (its ``score.weight``) or a causal LM (its lm_head dropped, a new seeded head)."""
     from transformers import AutoModelForSequenceClassification

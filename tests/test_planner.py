@@ -58,6 +58,26 @@ def test_known_model_parameter_count() -> None:
     assert load_shape("meta-llama/Llama-3.1-8B-Instruct").layers == 32  # the table, offline
 
 
+@pytest.mark.parametrize("name", ["qwen3-4b", "qwen3-8b"])
+@pytest.mark.parametrize("role", ["policy", "discriminator"])
+def test_qwen3_parameter_count_equals_the_real_model(name: str, role: str) -> None:
+    """Exactly the parameters of the transformers model built (on the meta device) from the table's
+    config: head_dim 128 (not hidden / heads), q/k norms, tied (4B) and untied (8B) embeddings;
+    D: the sequence classifier's [1, hidden] score instead of the lm_head. The vocabulary
+    (151936 = 1187 x 128) needs no padding at TP=1."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, Qwen3Config
+
+    known = KNOWN_MODELS[name]
+    config = Qwen3Config(**{k: v for k, v in known.items() if k != "model_type"}, num_labels=1)
+    auto = AutoModelForSequenceClassification if role == "discriminator" else AutoModelForCausalLM
+    with torch.device("meta"):
+        real = sum(p.numel() for p in auto.from_config(config).parameters())
+    assert sum(stage_params(ModelShape.from_hf(known), role, 1, 1, 0)) == real
+    if role == "policy":  # the model cards: Qwen3-4B 4.0B, Qwen3-8B 8.2B parameters
+        assert real / 1e9 == pytest.approx({"qwen3-4b": 4.02, "qwen3-8b": 8.19}[name], abs=0.01)
+
+
 # The output layer and the embedding are each 15% of these models' bytes, 31% of a stage's at PP=2.
 TINY = dict(hidden_size=128, intermediate_size=256, vocab_size=1000)
 # Measured: weights and grads exact, optimizer 1.0e-5 to 1.8e-5 over (Adam's 4-byte step counter per tensor).

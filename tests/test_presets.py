@@ -15,9 +15,9 @@ PAPER = {"batch_prompts": 256, "num_generations": 8, "temperature": 0.8, "max_re
          "disc_learning_rate": 1e-6, "max_grad_norm": 0.2, "disc_only_steps": 10}  # fmt: skip
 
 
-def test_the_five_presets_are_there() -> None:
+def test_the_seven_presets_are_there() -> None:
     names = {p.parent.name for p in PRESETS}
-    assert names == {"qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "llama-3.2-3b", "llama-3.1-8b"}
+    assert names == {"qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "llama-3.2-3b", "llama-3.1-8b", "qwen3-4b", "qwen3-8b"}
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.parent.name)

@@ -16,6 +16,7 @@ from gad_megatron.discriminator import TextEncoder
 from gad_megatron.rollout.engine import Completion
 from gad_megatron.rollout.hf_engine import TransformersEngine
 from gad_megatron.rollout.step import RolloutSettings, rollout_metrics, rollout_seed, rollout_step, to_rollout
+from tests.helpers.tiny_hf import FAMILIES
 from tests.helpers.torchrun import run_torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "reshard_check.py"
@@ -28,7 +29,7 @@ def run_reshard(tmp_path: Path, nproc: int, *args: str) -> dict[str, dict[str, f
     return json.loads((tmp_path / "report.json").read_text())
 
 
-def assert_sync(report: dict[str, float], models: tuple[str, ...] = ("llama", "qwen2")) -> None:
+def assert_sync(report: dict[str, float], models: tuple[str, ...] = FAMILIES) -> None:
     for model in models:
         checks = {k.split("/", 1)[1]: v for k, v in report.items() if k.startswith(model + "/")}
         assert checks["logits"] < TOLERANCE, checks

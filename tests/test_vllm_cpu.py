@@ -34,10 +34,11 @@ def _vllm() -> None:
 @pytest.fixture(scope="module")
 def head64_models(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
     """Tiny random Llama (tied) and Qwen2 (untied, QKV biases), head dimension 64 (vLLM's CPU
-    attention refuses 16), SmolLM2's tokenizer."""
+    attention refuses 16), and Qwen3 (tied, q/k norms, head dimension 128 != 256 / 4), SmolLM2's
+    tokenizer."""
     root = tmp_path_factory.mktemp("head64")
     return {family: make_tiny_model(root / family, str(tiny_model_dir), hidden=256, seed=i, family=family)
-            for i, family in enumerate(("llama", "qwen2"))}  # fmt: skip
+            for i, family in enumerate(("llama", "qwen2", "qwen3"))}  # fmt: skip
 
 
 def check(model: Path | str, out: Path, nproc: int, *layout: str) -> dict:
@@ -53,7 +54,8 @@ def test_smollm2_engine_after_sync_answers_as_the_trainer(tmp_path: Path) -> Non
     check(resolve_model_path("smollm2-135m-instruct"), tmp_path / "report.json", 1)
 
 
-@pytest.mark.parametrize("family,layout", [("llama", "--tp"), ("llama", "--pp"), ("qwen2", "--tp"), ("qwen2", "--pp")])
+@pytest.mark.parametrize("family,layout", [("llama", "--tp"), ("llama", "--pp"), ("qwen2", "--tp"), ("qwen2", "--pp"),
+                                           ("qwen3", "--tp")])  # fmt: skip
 def test_replica_at_rollout_tp2_from_a_trainer_at_tp2_or_pp2(head64_models: dict[str, Path], tmp_path: Path,
                                                              family: str, layout: str) -> None:  # fmt: skip
     report = check(head64_models[family], tmp_path / "report.json", 2, layout, "2", "--rollout-tp", "2")

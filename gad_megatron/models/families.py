@@ -71,7 +71,7 @@ class TensorRule:
 
 _M, _H = "decoder.layers.{layer}.", "model.layers.{layer}."
 
-# Llama layout, shared by every family here (Qwen2 adds the QKV bias).
+# Llama layout, shared by every family here (Qwen2 adds the QKV bias, Qwen3 the q/k norms).
 DECODER_RULES: tuple[TensorRule, ...] = (
     TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Split.VOCAB),
     TensorRule(_M + "input_layernorm.weight", (_H + "input_layernorm.weight",), Split.REPLICATED,
@@ -92,6 +92,13 @@ QKV_BIAS_RULE = TensorRule(
     (_H + "self_attn.q_proj.bias", _H + "self_attn.k_proj.bias", _H + "self_attn.v_proj.bias"),
     Split.COLUMN, Fuse.QKV,
 )  # fmt: skip
+# Qwen3's per-head RMSNorm of queries and keys ([head_dim], applied before RoPE): every TP rank
+# holds it whole although each normalises only its own heads (megatron-core all-reduces their
+# gradients over TP when ``qk_layernorm`` is set). Same names under both layer specs.
+QK_NORM_RULES = (
+    TensorRule(_M + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",), Split.REPLICATED),
+    TensorRule(_M + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), Split.REPLICATED),
+)  # fmt: skip
 LM_HEAD_RULE = TensorRule("output_layer.weight", ("lm_head.weight",), Split.VOCAB)
 # Tied embeddings with PP > 1: the last stage keeps its own copy of the embedding as output
 # layer (megatron-core all-reduces the two copies' gradients); the embedding is canonical.
@@ -109,6 +116,7 @@ class Family:
     class_prefix: str  # HF classes are f"{class_prefix}ForCausalLM" / f"...ForSequenceClassification"
     qkv_bias: bool
     required: tuple[tuple[str, Any], ...]  # HF config values the mapping depends on
+    qk_norm: bool = False  # RMSNorm over head_dim of each query and key head (megatron ``qk_layernorm``)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -118,6 +126,11 @@ FAMILIES: tuple[Family, ...] = (
     # Qwen2 and Qwen2.5: biases on q, k, v only; 0.5B-3B tie their embeddings, 7B+ do not.
     Family("qwen2", ("qwen2",), "Qwen2", qkv_bias=True,
            required=(("hidden_act", "silu"), ("use_sliding_window", False))),
+    # Qwen3 dense: q/k norms, head_dim apart from hidden / heads (4B: 128, not 2560 / 32), no biases.
+    # attention_bias=True would put one on o_proj too, which megatron-core only has
+    # together with biases on every linear layer (add_bias_linear): refused.
+    Family("qwen3", ("qwen3",), "Qwen3", qkv_bias=False, qk_norm=True,
+           required=(("hidden_act", "silu"), ("attention_bias", False), ("use_sliding_window", False))),
 )  # fmt: skip
 
 
@@ -178,6 +191,7 @@ class ModelLayout:
     @cached_property
     def rules(self) -> tuple[TensorRule, ...]:
         rules = list(DECODER_RULES) + ([QKV_BIAS_RULE] if self.family.qkv_bias else [])
+        rules += QK_NORM_RULES if self.family.qk_norm else ()
         if self.role == "discriminator":
             rules.append(SCORE_RULE)
         elif not self.tied:
@@ -332,10 +346,11 @@ def layout_from_hf(
 
 def transformer_config_from_hf(hf_config: Any, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
                                **overrides: Any) -> Any:
-    """megatron-core ``TransformerConfig`` equivalent to an HF Llama/Qwen2 config.
+    """megatron-core ``TransformerConfig`` equivalent to an HF Llama/Qwen2/Qwen3 config.
 
-    RMSNorm, SwiGLU (``gated_linear_unit`` + silu), grouped-query attention, biases only on
-    QKV where the family has them, no dropout (RL fine-tuning; HF's configs say 0 too).
+    RMSNorm, SwiGLU (``gated_linear_unit`` + silu), grouped-query attention with ``kv_channels``
+    = head_dim, QKV biases and q/k RMSNorm where the family has them (the layer spec then needs
+    q/k norm modules: ``policy.layer_spec``), no dropout (RL fine-tuning; HF's configs say 0 too).
     ``overrides`` go to TransformerConfig last (e.g. ``recompute_granularity``).
     """
     import torch.nn.functional as F
@@ -355,6 +370,7 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, pp: int = 1, dtype: 
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=layout.family.qkv_bias,
+        qk_layernorm=layout.family.qk_norm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=getattr(hf_config, "initializer_range", 0.02),

@@ -23,6 +23,7 @@ from gad_megatron.models.families import (
     Role,
     SpecNames,
     Split,
+    family_of,
     gpt_model_kwargs,
     layout_from_hf,
     transformer_config_from_hf,
@@ -40,13 +41,14 @@ def use_transformer_engine() -> bool:
     return True
 
 
-def layer_spec() -> tuple[Any, SpecNames]:
-    """The transformer layer spec for this machine and the tensor naming scheme it implies."""
+def layer_spec(qk_layernorm: bool = False) -> tuple[Any, SpecNames]:
+    """The transformer layer spec for this machine and the tensor naming scheme it implies;
+    ``qk_layernorm``: with q/k norm modules (Qwen3)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_transformer_engine():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(), "te"
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"), "local"
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm), "te"
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm), "local"
 
 
 def model_device() -> torch.device:
@@ -82,7 +84,7 @@ def build_gpt(hf_config: Any, role: Role = "policy", dtype: torch.dtype = torch.
     enable_cpu_support()  # megatron modules imported just now see the CPU bridge too
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    spec, names = layer_spec()
+    spec, names = layer_spec(family_of(hf_config).qk_norm)
     layout = layout_from_hf(hf_config, tp, pp, role, names)
     config = transformer_config_from_hf(hf_config, tp, pp, dtype, perform_initialization=initialize,
                                         **config_overrides)  # fmt: skip

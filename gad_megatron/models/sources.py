@@ -143,16 +143,21 @@ def make_tiny_model(
     seed: int = 0,
     family: str = "llama",
 ) -> Path:
-    """Build a tiny random causal LM (``family`` llama, tied embeddings, or qwen2, untied with QKV
-    biases) with a real tokenizer and chat template (for tests). 4 heads and 2 KV heads of
-    dimension ``hidden / 4``: 16 at the default; ``hidden`` 256 gives 64, which vLLM's CPU
-    attention needs."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    """Build a tiny random causal LM (``family`` llama, tied embeddings; qwen2, untied with QKV
+    biases; or qwen3, tied with q/k norms) with a real tokenizer and chat template (for tests).
+    4 heads and 2 KV heads of dimension ``hidden / 4`` (qwen3: ``hidden / 2``, not hidden / heads):
+    16 at the default; ``hidden`` 256 gives 64, which vLLM's CPU attention needs."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(tokenizer_spec)
-    config_class, tied = {"llama": (LlamaConfig, True), "qwen2": (Qwen2Config, False)}[family]
+    config_class, tied, extra = {
+        "llama": (LlamaConfig, True, {}),
+        "qwen2": (Qwen2Config, False, {}),
+        "qwen3": (Qwen3Config, True, {"head_dim": hidden // 2}),
+    }[family]
     config = config_class(
+        **extra,
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=hidden * 2,

@@ -1,4 +1,5 @@
-"""Megatron (TP x PP) against transformers on tiny Llama (tied) and Qwen2 (untied, QKV bias).
+"""Megatron (TP x PP) against transformers on tiny Llama (tied), Qwen2 (untied, QKV bias) and
+Qwen3 (tied, q/k norms, head_dim 32 != hidden / heads).
 
     torchrun --nproc_per_node N tests/helpers/megatron_parity.py OUT.json TPxPP [TPxPP ...]
     torchrun --nproc_per_node N tests/helpers/megatron_parity.py OUT.json --hf-dir DIR TPxPP
@@ -23,7 +24,7 @@ from gad_megatron.models.convert import EXTRA_STATE, megatron_to_hf
 from gad_megatron.models.discriminator import build_discriminator, scores
 from gad_megatron.models.policy import MegatronLM, build_gpt, build_policy, full_logits, load_hf_weights
 from gad_megatron.parallel.launch import init_distributed
-from tests.helpers.tiny_hf import tiny_model
+from tests.helpers.tiny_hf import FAMILIES, tiny_model
 
 LENGTHS = (12, 7, 1)
 
@@ -82,7 +83,7 @@ def check_tiny_models() -> dict[str, float]:
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
     right, left = padded_batch(left=False), padded_batch(left=True)
     results: dict[str, float] = {}
-    for family in ("llama", "qwen2"):
+    for family in FAMILIES:
         hf_policy = tiny_model(family, "policy", seed=0)
         policy = build_gpt(hf_policy.config)
         load_hf_weights(policy, hf_policy.state_dict())

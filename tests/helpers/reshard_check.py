@@ -3,8 +3,8 @@
     torchrun --nproc_per_node N tests/helpers/reshard_check.py OUT_DIR TPxPP [TPxPP ...]
     torchrun --nproc_per_node 1 tests/helpers/reshard_check.py OUT_DIR --hf-dir DIR 1x1
 
-Per layout and model (tiny Llama with tied embeddings and tiny Qwen2 with QKV bias, or the
-real model of ``--hf-dir``), in the same processes:
+Per layout and model (tiny Llama with tied embeddings, tiny Qwen2 with QKV bias, tiny Qwen3 with
+q/k norms and head_dim != hidden / heads, or the real model of ``--hf-dir``), in the same processes:
 
 * sync at two bucket sizes: engine logits vs the policy's gathered logits, and the sync's
   peak extra memory (torch profiler) minus its bound ``max(bucket, largest) + largest``;
@@ -32,7 +32,7 @@ from gad_megatron.parallel.launch import init_distributed
 from gad_megatron.rollout.engine import SamplingParams
 from gad_megatron.rollout.hf_engine import TransformersEngine
 from gad_megatron.rollout.reshard import export_hf, plan_buckets, stream_hf_weights, sync_weights
-from tests.helpers.tiny_hf import tiny_model
+from tests.helpers.tiny_hf import FAMILIES, tiny_model
 
 GREEDY_TOKENS = 6
 
@@ -162,7 +162,7 @@ def main(out_dir: str, layouts: list[str], hf_dir: str | None) -> None:
             models = {"real": AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()}
             prompts = chat_prompts(hf_dir)
         else:
-            models = {family: tiny_model(family, "policy", seed=0) for family in ("llama", "qwen2")}
+            models = {family: tiny_model(family, "policy", seed=0) for family in FAMILIES}
             prompts = [[5, 17, 42], [7] * 9, [100, 3, 250, 11, 60]]
         mine = {f"{name}/{k}": v for name, hf in models.items()
                 for k, v in check_model(hf, prompts, out, f"{layout}-{name}").items()}  # fmt: skip

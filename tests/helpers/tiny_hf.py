@@ -1,4 +1,4 @@
-"""Tiny random HF Llama / Qwen2 models (policy and discriminator) for the Megatron model tests."""
+"""Tiny random HF Llama / Qwen2 / Qwen3 models (policy and discriminator) for the Megatron model tests."""
 
 from __future__ import annotations
 
@@ -7,18 +7,22 @@ from typing import Any
 
 import torch
 
+FAMILIES = ("llama", "qwen2", "qwen3")
 # vocab 300 is not a multiple of 128 x TP, so every test also exercises the vocabulary padding.
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)  # fmt: skip
 
 
 def tiny_config(family: str, tied: bool | None = None, **changes: Any) -> Any:
-    """Llama ties its embeddings by default here (like SmolLM2), Qwen2 does not (like Qwen2.5-7B)."""
-    from transformers import LlamaConfig, Qwen2Config
+    """Llama ties its embeddings by default here (like SmolLM2), Qwen2 does not (like Qwen2.5-7B),
+    Qwen3 does (like Qwen3-4B), with head_dim 32, not hidden / heads = 16."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
+    qwen_rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
     cls, default_tied, extra = {
         "llama": (LlamaConfig, True, {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
-        "qwen2": (Qwen2Config, False, {"rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}),
+        "qwen2": (Qwen2Config, False, qwen_rope),
+        "qwen3": (Qwen3Config, True, {**qwen_rope, "head_dim": 32}),
     }[family]
     tie = default_tied if tied is None else tied
     return cls(**{**SHAPE, **extra, "tie_word_embeddings": tie, "pad_token_id": 0, **changes})
