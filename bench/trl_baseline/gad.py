@@ -18,7 +18,7 @@ Departures from plain GRPO / the paper's verl code, all deliberate:
   * D is trained inside the reward function, which TRL calls once per rollout batch after its
     no-grad block, on every rank in lockstep. The scores that give the rewards also give the
     D loss; D's update then re-runs one micro-batch at a time (bounded memory) or, with
-    ``train.disc_single_pass``, reuses the scoring pass's graph. Each teacher response is
+    ``TrlSettings.disc_single_pass``, reuses the scoring pass's graph. Each teacher response is
     forwarded once per prompt. D's gradients are all-reduced by hand (see ``discriminator_update``).
   * Rollouts are decoded to text and re-encoded for D exactly like teacher text.
   * In warmup the teacher-text SFT loss uses one row per prompt (over all processes), not one
