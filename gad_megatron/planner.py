@@ -12,13 +12,15 @@ Memory model, per GPU, for the pipeline stage that needs the most (every stage i
   in the training precision, fp32 main gradients (Megatron DDP accumulates in fp32), Adam as
   fp32 master + 2 fp32 moments (the master is the weight itself in fp32), the optimizer part
   divided by DP with the distributed optimizer: bf16 = 18 bytes/param, or 6 + 12/DP.
-* activations (no recompute, flash attention, no sequence parallelism: D refuses it), after
+* activations (flash attention, no sequence parallelism: D refuses it), after
   Korthikanti et al. 2022 "Reducing Activation Recomputation", section 4, for SwiGLU + GQA
   without dropout, bytes per token per layer in bf16:
   ``8h`` replicated (both norms' inputs and outputs) + ``(4h + 4 kv_dim + 6 ffn) / TP``
   (Q, K, V, attention output, gate+up, SwiGLU output). With the 1F1B schedule the first stage
   keeps PP micro-batches in flight, so every stage holds about all L layers' worth of one
-  micro-batch (Korthikanti et al., 4.2).
+  micro-batch (Korthikanti et al., 4.2). ``parallel.recompute_activations: full`` keeps only
+  each layer's bf16 input (``2h``) plus one layer's activations, rebuilt in its backward;
+  ``selective`` frees the attention scores, which flash attention never keeps: costed as none.
 * G's logits: bf16 [tokens, vocab/TP] and their gradient (loss.py works in fp32 on chunks only).
 * the colocated vLLM engine (while awake; it sleeps during training): G in bf16 over the
   rollout TP, the rest of ``rollout_gpu_memory_utilization`` x GPU memory is KV cache.
@@ -171,8 +173,12 @@ def activation_bytes(shape: ModelShape, parallel: ParallelConfig, with_logits: b
     """Activations of one micro-batch of ``micro_batch_tokens`` (see the module docstring)."""
     h, tp, tokens = shape.hidden, parallel.tensor_parallel, parallel.micro_batch_tokens
     per_token_layer = 8 * h + (4 * h + 4 * shape.kv_heads * shape.head_dim + 6 * shape.ffn) // tp
+    if parallel.recompute_activations == "full":
+        per_token = 2 * h * shape.layers + per_token_layer
+    else:
+        per_token = per_token_layer * shape.layers
     scale = 2 if parallel.precision == "fp32" else 1
-    out = {"activations": tokens * per_token_layer * shape.layers * scale}
+    out = {"activations": tokens * per_token * scale}
     if with_logits:
         out["logits"] = tokens * padded_vocab(shape.vocab, tp) // tp * 4 * scale
     return out
