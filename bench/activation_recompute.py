@@ -1,7 +1,7 @@
 """Peak memory of one training forward + backward with ``parallel.recompute_activations`` none /
 selective / full, on a CPU.
 
-    .venv/bin/python bench/activation_recompute.py      # 4 layers, hidden 512, 2 x 2048 tokens: ~2 min on 2 cores
+    .venv/bin/python bench/activation_recompute.py      # 4 layers, hidden 512, 1 x 2048 tokens: ~3 min on 2 cores
 
 A random Llama-like megatron-core GPTModel (local spec, fp32, as the CPU trainer builds it; vocab
 8,192 so the logits do not dwarf the layers) with Megatron DDP, one micro-batch through
@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from loss_memory import status_kib  # bench/ is sys.path[0]
+from loss_memory import status_kib, write_result  # bench/ is sys.path[0]
 
 MODES = ("none", "selective", "full")
 
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--rows", type=int, default=2, help="sequences in the micro-batch")
+    parser.add_argument("--rows", type=int, default=1, help="sequences in the micro-batch")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per sequence")
     parser.add_argument("--out", default="bench/results/activation_recompute.json")
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # child process
@@ -111,9 +111,7 @@ def main() -> None:
         "settings": {k: v for k, v in vars(args).items() if k not in ("one", "out")},
         "runs": runs,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
