@@ -6,9 +6,11 @@ Legal combinations in megatron-core 0.16.1 (``TransformerConfig.__post_init__``)
   ``uniform`` with 1 layer checkpoints every layer's input and recomputes the whole layer in
   backward (``TransformerBlock._checkpointed_forward``, in training mode only);
 * ``selective`` needs ``recompute_method`` and ``recompute_num_layers`` unset and recomputes
-  the listed ``recompute_modules``. Only ``core_attn`` (attention scores, softmax, dropout and
-  the weighted sum) applies to dense Llama/Qwen2 with the local spec and TE's alike: ``mlp`` and
-  ``layernorm`` need TE-fused layouts or MoE. With TE's fused attention it saves little.
+  the listed ``recompute_modules``: here megatron's default, ``core_attn`` (attention scores,
+  softmax and the weighted sum: large at long sequences and cheap to redo). With TE's fused
+  attention, which never stores the scores, it saves little. ``mlp`` (the dense MLP) and
+  ``layernorm`` (norms kept as modules: the local spec; TE fuses them into the linears) would
+  recompute more for less; they are not offered.
 
 Both go through ``tensor_parallel.checkpoint`` (``te_checkpoint`` for full recompute under
 fp8), on CPUs too. Only the trained models get these kwargs: a model that never runs a backward
