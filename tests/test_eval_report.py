@@ -71,7 +71,7 @@ def trained_run(tmp_path_factory, tiny_model_dir):
     raw = {
         "run_dir": str(root / "run"), "seed": 1, "student": str(tiny_model_dir),
         "data": {"path": str(data), "max_prompt_length": 128},
-        "train": {"batch_prompts": 2, "num_generations": 2, "micro_batch_size": 2, "max_response_length": 8,
+        "train": {"batch_prompts": 2, "num_generations": 2, "max_response_length": 8,
                   "max_steps": 3, "save_steps": 2, "disc_only_steps": 1, "report_to": [],
                   "learning_rate": 1e-4, "disc_learning_rate": 1e-4},
         "parallel": {"precision": "fp32", "micro_batch_tokens": 272},

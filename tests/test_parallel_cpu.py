@@ -57,6 +57,10 @@ def test_replaced_functions_are_those_the_bridge_was_written_for() -> None:
         if cpu.source_sha256(cpu.original(rep)) != rep.source_sha256
     ]  # fmt: skip
     assert not changed, f"megatron-core changed {changed}: re-check the CPU bridge for them, then update REPLACED"
+    random_module = "megatron.core.tensor_parallel.random"
+    for name, (sha, _stand_in) in cpu.RNG_FUNCTIONS.items():
+        shipped = cpu._ORIGINALS.get((random_module, name)) or getattr(sys.modules[random_module], name)
+        assert cpu.source_sha256(shipped) == sha, f"megatron-core changed {name}: re-check RNG_FUNCTIONS"
     module, qualname = TARGET
     owner = sys.modules[module] if module in sys.modules else __import__(module, fromlist=["_"])
     for part in qualname.split("."):

@@ -14,6 +14,7 @@ from gad_megatron.planner import (
     KNOWN_MODELS,
     ModelShape,
     PlanError,
+    activation_bytes,
     load_shape,
     make_layout,
     plan,
@@ -143,6 +144,17 @@ def test_layouts_that_do_not_divide_are_refused(tmp_path: Path, parallel: dict, 
     cfg = parse_config(run_config(tmp_path, **parallel))
     with pytest.raises(PlanError, match=message):
         plan(cfg, nodes, 8)
+
+
+def test_full_recompute_keeps_each_layers_input_and_one_layer() -> None:
+    """Full recompute: L layer inputs (bf16 [tokens, h]) + one layer's activations; selective
+    frees only attention scores, which the flash-attention estimate never counted."""
+    none, selective, full = (activation_bytes(QWEN7B, ParallelConfig(recompute_activations=mode), False)["activations"]
+                             for mode in ("none", "selective", "full"))  # fmt: skip
+    tokens, layers, h = ParallelConfig().micro_batch_tokens, QWEN7B.layers, QWEN7B.hidden
+    assert selective == none
+    assert full == tokens * 2 * h * layers + none // layers
+    assert full < none / 5  # Qwen2.5-7B: 28 layers
 
 
 def test_kv_heads_and_padded_vocab() -> None:

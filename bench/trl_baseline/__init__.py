@@ -7,12 +7,13 @@ import logging
 from pathlib import Path
 
 from gad_megatron.config import RunConfig
+from trl_baseline.settings import TrlSettings
 
 log = logging.getLogger(__name__)
 
 
-def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
-    """Run ``cfg.train.stage``; return the exported final model directory.
+def train_stage(cfg: RunConfig, resume: str | None = None, trl: TrlSettings = TrlSettings()) -> Path:
+    """Run ``cfg.train.stage`` with the TRL-only knobs ``trl``; return the exported final model directory.
 
     ``--resume`` on a stage that already exported a complete ``final/`` does nothing: its
     optimizer states are gone by design, and retraining from scratch would overwrite it.
@@ -26,8 +27,8 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
     if cfg.train.stage == "seqkd":
         from trl_baseline.seqkd import run_seqkd
 
-        return run_seqkd(cfg, resume)
+        return run_seqkd(cfg, resume, trl)
     from trl_baseline.gad import run_gad_stage
 
-    return run_gad_stage(cfg, cfg.train.stage, resume)
+    return run_gad_stage(cfg, cfg.train.stage, resume, trl)
 

@@ -22,6 +22,7 @@ from gad_megatron.trainer.setup import (  # noqa: F401 (shared with the Megatron
     stage_dir,
     training_records,
 )
+from trl_baseline.settings import TrlSettings
 
 log = logging.getLogger(__name__)
 
@@ -64,34 +65,34 @@ def gradient_accumulation(sequences_per_step: int, micro_batch_size: int) -> int
 
 
 
-def trainer_args(cfg: RunConfig, stage: str, sequences_per_step: int) -> dict[str, Any]:
+def trainer_args(cfg: RunConfig, trl: TrlSettings, stage: str, sequences_per_step: int) -> dict[str, Any]:
     """Arguments every stage passes to its TRL config."""
     t = cfg.train
     cuda = torch.cuda.is_available()
-    bf16 = t.bf16 if t.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
+    bf16 = trl.bf16 if trl.bf16 is not None else bool(cuda and torch.cuda.is_bf16_supported())
     args = dict(
         output_dir=str(stage_dir(cfg, stage)),
         seed=cfg.seed,
         learning_rate=t.learning_rate or DEFAULT_LR[stage],
         num_train_epochs=t.epochs or DEFAULT_EPOCHS[stage],
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=gradient_accumulation(sequences_per_step, t.micro_batch_size),
+        per_device_train_batch_size=trl.micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(sequences_per_step, trl.micro_batch_size),
         max_grad_norm=t.max_grad_norm,
         lr_scheduler_type="constant",
         save_strategy="steps",
         save_steps=t.save_steps,
-        logging_steps=t.logging_steps,
+        logging_steps=trl.logging_steps,
         report_to=t.report_to,
         bf16=bf16,
         use_cpu=not cuda,
-        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing=trl.gradient_checkpointing,
         trust_remote_code=cfg.trust_remote_code,
         # fp32 master weights; bf16 runs as autocast. bf16 weights would round away 1e-6 updates.
         model_init_kwargs={"dtype": torch.float32},
         disable_tqdm=False,
     )
-    args.update(t.trl_args)
+    args.update(trl.trl_args)
     return args
 
 

@@ -18,7 +18,7 @@ Departures from plain GRPO / the paper's verl code, all deliberate:
   * D is trained inside the reward function, which TRL calls once per rollout batch after its
     no-grad block, on every rank in lockstep. The scores that give the rewards also give the
     D loss; D's update then re-runs one micro-batch at a time (bounded memory) or, with
-    ``train.disc_single_pass``, reuses the scoring pass's graph. Each teacher response is
+    ``TrlSettings.disc_single_pass``, reuses the scoring pass's graph. Each teacher response is
     forwarded once per prompt. D's gradients are all-reduced by hand (see ``discriminator_update``).
   * Rollouts are decoded to text and re-encoded for D exactly like teacher text.
   * In warmup the teacher-text SFT loss uses one row per prompt (over all processes), not one
@@ -59,6 +59,7 @@ from trl_baseline.common import (
     training_records,
 )
 from trl_baseline.discriminator_update import DiscriminatorStep, DiscriminatorUpdater, check_finite
+from trl_baseline.settings import TrlSettings
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +212,11 @@ class WarmupTrainer(GADTrainer):
         return loss
 
 
-def build_discriminator(cfg: RunConfig, spec: str, frozen: bool, device: torch.device) -> DiscriminatorUpdater:
+def build_discriminator(cfg: RunConfig, trl: TrlSettings, spec: str, frozen: bool, device: torch.device) -> DiscriminatorUpdater:
     """Load D from ``spec`` (a causal LM or a saved D) with its tokenizer, optimizer and text encoder."""
     model = load_discriminator(spec, cfg.trust_remote_code).to(device)
     tokenizer = load_tokenizer(spec, cfg.trust_remote_code)
-    if cfg.train.gradient_checkpointing:
+    if trl.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = scheduler = None
     if not frozen:
@@ -223,8 +224,8 @@ def build_discriminator(cfg: RunConfig, spec: str, frozen: bool, device: torch.d
         scheduler = get_constant_schedule(optimizer)
     else:
         model.requires_grad_(False)
-    on_gpu_bf16 = device.type == "cuda" and cfg.train.bf16 is not False and torch.cuda.is_bf16_supported()
-    bf16 = on_gpu_bf16 or bool(cfg.train.bf16)  # on CPU only when asked (fast on AVX512-BF16 / AMX)
+    on_gpu_bf16 = device.type == "cuda" and trl.bf16 is not False and torch.cuda.is_bf16_supported()
+    bf16 = on_gpu_bf16 or bool(trl.bf16)  # on CPU only when asked (fast on AVX512-BF16 / AMX)
     return DiscriminatorUpdater(
         model=model,
         tokenizer=tokenizer,
@@ -232,17 +233,17 @@ def build_discriminator(cfg: RunConfig, spec: str, frozen: bool, device: torch.d
         optimizer=optimizer,
         scheduler=scheduler,
         loss=cfg.train.disc_loss,
-        micro_batch_size=cfg.train.micro_batch_size,
+        micro_batch_size=trl.micro_batch_size,
         max_grad_norm=cfg.train.max_grad_norm,
         autocast_dtype=torch.bfloat16 if bf16 else None,
-        single_pass=cfg.train.disc_single_pass,
+        single_pass=trl.disc_single_pass,
     )
 
 
-def _grpo_config(cfg: RunConfig, stage: str) -> GRPOConfig:
+def _grpo_config(cfg: RunConfig, trl: TrlSettings, stage: str) -> GRPOConfig:
     t = cfg.train
     return GRPOConfig(
-        **trainer_args(cfg, stage, sequences_per_step=t.batch_prompts * t.num_generations),
+        **trainer_args(cfg, trl, stage, sequences_per_step=t.batch_prompts * t.num_generations),
         num_generations=t.num_generations,
         temperature=t.temperature,
         max_completion_length=t.max_response_length,
@@ -261,7 +262,7 @@ def _grpo_config(cfg: RunConfig, stage: str) -> GRPOConfig:
 
 
 
-def run_gad_stage(cfg: RunConfig, stage: str, resume: str | None = None) -> Path:
+def run_gad_stage(cfg: RunConfig, stage: str, resume: str | None = None, trl: TrlSettings = TrlSettings()) -> Path:
     """Train ``warmup`` or ``gad``; export ``<run_dir>/<stage>/final`` (generator + discriminator/)."""
     assert stage in ("warmup", "gad")
     set_seed(cfg.seed)  # before D's new head is initialised, so runs (and resumes) are reproducible
@@ -272,7 +273,7 @@ def run_gad_stage(cfg: RunConfig, stage: str, resume: str | None = None) -> Path
     records = training_records(cfg, tokenizer)
     check_enough_prompts(len(records), cfg.train.batch_prompts)
     save_resolved_config(cfg, out_dir)
-    args = _grpo_config(cfg, stage)
+    args = _grpo_config(cfg, trl, stage)
     frozen = stage == "gad" and cfg.train.freeze_discriminator
     common: dict[str, Any] = dict(
         model=generator,
@@ -280,7 +281,7 @@ def run_gad_stage(cfg: RunConfig, stage: str, resume: str | None = None) -> Path
         train_dataset=Dataset.from_list(records),
         processing_class=tokenizer,
         callbacks=[MetricsJsonl(out_dir / "metrics.jsonl", stage)],
-        discriminator=build_discriminator(cfg, d_spec, frozen, args.device),
+        discriminator=build_discriminator(cfg, trl, d_spec, frozen, args.device),
         freeze_discriminator=frozen,
     )
     if stage == "warmup":

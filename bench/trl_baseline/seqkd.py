@@ -24,6 +24,7 @@ from trl_baseline.common import (
     trainer_args,
     training_records,
 )
+from trl_baseline.settings import TrlSettings
 
 
 class SeqKDTrainer(CompleteCheckpointMixin, SFTTrainer):
@@ -37,7 +38,7 @@ def sft_dataset(records: list[dict]) -> Dataset:
     )
 
 
-def run_seqkd(cfg: RunConfig, resume: str | None = None) -> Path:
+def run_seqkd(cfg: RunConfig, resume: str | None = None, trl: TrlSettings = TrlSettings()) -> Path:
     """Train and export ``<run_dir>/seqkd/final``; returns that directory."""
     out_dir = stage_dir(cfg, "seqkd")
     student = resolve_model_path(cfg.train.init_from or cfg.student)
@@ -46,10 +47,10 @@ def run_seqkd(cfg: RunConfig, resume: str | None = None) -> Path:
     check_enough_prompts(len(records), cfg.train.batch_prompts)
     save_resolved_config(cfg, out_dir)
     args = SFTConfig(
-        **trainer_args(cfg, "seqkd", sequences_per_step=cfg.train.batch_prompts),
+        **trainer_args(cfg, trl, "seqkd", sequences_per_step=cfg.train.batch_prompts),
         max_length=cfg.data.max_prompt_length + cfg.train.max_response_length,
         completion_only_loss=True,
-        padding_free=cfg.train.padding_free,
+        padding_free=trl.padding_free,
     )
     trainer = SeqKDTrainer(
         model=student,

@@ -21,7 +21,9 @@ How the bridge stays narrow:
 * **RNG**: the CUDA RNG tracker becomes :class:`CpuRNGStatesTracker`, which keeps named CPU
   generator states with the same ``add`` / ``fork`` / ``get_states`` / ``set_states``
   contract, so model-parallel seeding (``model_parallel_cuda_manual_seed``) and dropout forks
-  behave as on GPU.
+  behave as on GPU; the "CUDA generator" activation recompute saves and restores
+  (``tensor_parallel.random``'s ``_get/_set_cuda_rng_state``, see :data:`RNG_FUNCTIONS`) is the
+  CPU generator.
 
 ``enable_cpu_support()`` is idempotent and a no-op when CUDA is available. Call it after
 importing megatron-core modules (our builders do): modules imported later are covered by
@@ -217,6 +219,22 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def _get_cpu_rng_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *_args: Any, **_kwargs: Any) -> None:
+    torch.set_rng_state(new_state)
+
+
+# megatron.core.tensor_parallel.random's CUDA generator accessors (used by activation recompute's
+# CheckpointFunction) -> (source hash they were written against, the CPU stand-in). The setter
+# would otherwise queue its call with torch.cuda._lazy_call forever, one stack trace per call.
+RNG_FUNCTIONS: dict[str, tuple[str, Callable[..., Any]]] = {
+    "_get_cuda_rng_state": ("aa26caaa069c5c4f", _get_cpu_rng_state),
+    "_set_cuda_rng_state": ("b179c9d95438b61c", _set_cpu_rng_state),
+}
+
 _TENSOR_TYPE = torch.Tensor.type
 _GPU_VIEW_DEPTH = 0
 _TORCH_VIEW: _TorchView | None = None
@@ -395,6 +413,9 @@ def enable_cpu_support() -> bool:
             wrapped = _run_as_on_gpu(raw)
             setattr(owner, name, wrapped)
             _rebind_imported_names(raw, wrapped)
+    for name, (_sha, stand_in) in RNG_FUNCTIONS.items():
+        _ORIGINALS.setdefault((mc_random.__name__, name), getattr(mc_random, name))
+        setattr(mc_random, name, stand_in)
     if not isinstance(mc_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
         mc_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mc_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

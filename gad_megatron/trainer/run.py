@@ -66,6 +66,13 @@ def _model_overrides(cfg: RunConfig) -> dict[str, Any]:
     return {**TRAINING_OVERRIDES, **precision_overrides(_precision(cfg), cfg.parallel.fp8_recipe)}
 
 
+def _trained_overrides(cfg: RunConfig) -> dict[str, Any]:
+    """:func:`_model_overrides` plus activation recompute: for the models that run a backward (G, D)."""
+    from gad_megatron.models.recompute import recompute_overrides
+
+    return {**_model_overrides(cfg), **recompute_overrides(cfg.parallel.recompute_activations)}
+
+
 def _tis_cap(cfg: RunConfig) -> float | None:
     return cfg.train.tis_cap if cfg.train.tis_cap is not None or _precision(cfg) != "fp8" else 2.0
 
@@ -169,13 +176,15 @@ def build_context(cfg: RunConfig, stage: str) -> tuple[StepContext, StepPlan, li
         check_same_tokenizer(tokenizer, resolve_model_path(d_spec), cfg.trust_remote_code)
     records = training_records(cfg, tokenizer)
     plan = StepPlan.of(len(records), t.batch_prompts, t.epochs or DEFAULT_EPOCHS[stage], t.max_steps, cfg.seed)
-    overrides = _model_overrides(cfg)
-    g = build_actor(build_policy(generator, dtype, **overrides), t.learning_rate or DEFAULT_LR[stage],
+    overrides, trained = _model_overrides(cfg), _trained_overrides(cfg)
+    g = build_actor(build_policy(generator, dtype, **trained), t.learning_rate or DEFAULT_LR[stage],
                     t.max_grad_norm, cfg.parallel.distributed_optimizer)  # fmt: skip
     d_lm, d = None, None  # D scores (d_lm) and, unless frozen, learns (d: its optimizer side)
     if stage != "seqkd":
-        d_lm = load_discriminator(resolve_model_path(d_spec), dtype, seed=cfg.seed, **overrides)
-        if not (stage == "gad" and t.freeze_discriminator):
+        d_frozen = stage == "gad" and t.freeze_discriminator
+        d_lm = load_discriminator(resolve_model_path(d_spec), dtype, seed=cfg.seed,
+                                  **(overrides if d_frozen else trained))  # fmt: skip
+        if not d_frozen:
             d = build_actor(d_lm, t.disc_learning_rate, t.max_grad_norm, cfg.parallel.distributed_optimizer)
     # The KL reference computes exactly as G does (same precision: under fp8, a bf16 reference
     # would put a KL between G and its own copy).

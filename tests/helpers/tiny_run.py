@@ -28,7 +28,7 @@ def write_tiny_setup(root: Path, model_dir: Path, n_prompts: int = 8, **train: o
         "student": str(model_dir),
         "data": {"path": str(data), "max_prompt_length": 128},
         "train": {
-            "batch_prompts": 2, "num_generations": 2, "micro_batch_size": 2, "max_response_length": 12,
+            "batch_prompts": 2, "num_generations": 2, "max_response_length": 12,
             "max_steps": 3, "save_steps": 2, "disc_only_steps": 1, "report_to": [],
             "learning_rate": 1e-4, "disc_learning_rate": 1e-4, **train,
         },

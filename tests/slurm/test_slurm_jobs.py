@@ -49,7 +49,7 @@ def metrics_steps(run: Path, stage: str) -> list[int]:
 
 
 def test_gad_sbatch_trains_the_stage(slurm: SlurmCluster, tmp_path: Path, tiny_model_dir: Path) -> None:
-    cfg = write_tiny_setup(tmp_path, tiny_model_dir, max_steps=2, init_from=str(tiny_model_dir), micro_batch_size=1)
+    cfg = write_tiny_setup(tmp_path, tiny_model_dir, max_steps=2, init_from=str(tiny_model_dir))
     job = slurm.sbatch("--gpus-per-node=0", GAD_SBATCH, str(cfg), env=job_env(2), cwd=tmp_path)
     info = slurm.wait_job(job, timeout=900)
     report = job_logs(tmp_path, job)[-8000:]
@@ -69,8 +69,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm: SlurmCluster, tmp
     """USR1 mid-run: the step in flight ends with a checkpoint, the job requeues itself, resumes, finishes."""
     total = 6
     # No periodic checkpoint: the only one the resumed run can start from is the preemption's.
-    cfg = write_tiny_setup(tmp_path, tiny_model_dir, max_steps=total, save_steps=1000, init_from=str(tiny_model_dir),
-                           micro_batch_size=1)
+    cfg = write_tiny_setup(tmp_path, tiny_model_dir, max_steps=total, save_steps=1000, init_from=str(tiny_model_dir))
     job = slurm.sbatch("--gpus-per-node=0", GAD_SBATCH, str(cfg), env=job_env(2), cwd=tmp_path)
     metrics = tmp_path / "run" / "gad" / "metrics.jsonl"
     deadline = time.monotonic() + 600
@@ -104,7 +103,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm: SlurmCluster, tmp
 @pytest.mark.slow  # 27-76 s here, with the CPU shared
 def test_gad_sbatch_on_two_nodes(slurm_two_nodes: SlurmCluster, tmp_path: Path, tiny_model_dir: Path) -> None:
     """``sbatch --nodes 2``: one torchrun per node, their workers meet in one rendezvous and train together."""
-    cfg = write_tiny_setup(tmp_path, tiny_model_dir, max_steps=2, init_from=str(tiny_model_dir), micro_batch_size=1)
+    cfg = write_tiny_setup(tmp_path, tiny_model_dir, max_steps=2, init_from=str(tiny_model_dir))
     # Gloo finds its address from the host name, which both "nodes" share: name the interface.
     env = {**job_env(1), "GLOO_SOCKET_IFNAME": "gadnet0"}
     job = slurm_two_nodes.sbatch("--nodes=2", "--gpus-per-node=0", GAD_SBATCH, str(cfg), env=env, cwd=tmp_path)
