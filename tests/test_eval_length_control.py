@@ -70,3 +70,17 @@ def test_degenerate_inputs() -> None:
     assert length_controlled_score([0.6, 0.4, 0.5], [10, 20, 30], [20, 20, 20]) == pytest.approx(50, abs=1e-6)
     with pytest.raises(ValueError):
         length_controlled_score(scores, [20] * 3, [20] * 4)
+
+
+def test_eval_uses_scored_prompts_and_both_lengths() -> None:
+    """evaluate.py's hook: unscored prompts are skipped; candidate and reference lengths both enter."""
+    from gad_megatron.evaluation.evaluate import _judge_score_lc
+
+    cand, ref = _lengths(40, 3)
+    scores = [0.5 + 0.45 * math.tanh((c - r) / 10) for c, r in zip(cand, ref)]
+    judged = [{"id": f"q{i}", "score": s} for i, s in enumerate(scores)] + [{"id": "bad", "score": None}]
+    rows = {f"q{i}": {"response": "x" * c} for i, c in enumerate(cand)} | {"bad": {"response": "x" * 500}}
+    refs = {f"q{i}": "y" * r for i, r in enumerate(ref)} | {"bad": None}
+    lc = _judge_score_lc(judged, rows, refs, count=None)  # no tokenizer: characters
+    assert lc == pytest.approx(length_controlled_score(scores, cand, ref))
+    assert lc == pytest.approx(50, abs=3) and _mean100(scores) > 60
