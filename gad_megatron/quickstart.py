@@ -48,8 +48,9 @@ class Budget:
 
 # GAD: the recipe the context-distillation study found steadier (docs/results.md): G lr 3e-6 and
 # N = 8 rollouts of 2 prompts a step (KL stayed below 0.05; at 1e-5 and 4 x 4 it drifted to 0.17).
-FULL = Budget(n_train=160, n_test=40, max_tokens=48, eval_max_tokens=96, seqkd_steps=40, warmup_steps=5, gad_steps=12,
-              batch_prompts=2, num_generations=8, seqkd_batch_prompts=4, gad_lr=3e-6)
+# Eval at twice the training length: the teacher's held-out answers average 25 tokens (docs/decisions.md).
+FULL = Budget(n_train=160, n_test=40, max_tokens=48, eval_max_tokens=96, seqkd_steps=40, warmup_steps=5,
+              gad_steps=12, batch_prompts=2, num_generations=8, seqkd_batch_prompts=4, gad_lr=3e-6)
 TINY = Budget(n_train=8, n_test=4, max_tokens=24, eval_max_tokens=48, seqkd_steps=2, warmup_steps=2, gad_steps=2,
               batch_prompts=2, num_generations=2, seqkd_batch_prompts=2)
 

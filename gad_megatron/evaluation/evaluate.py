@@ -164,7 +164,10 @@ def _text_metrics(rows: dict[str, dict[str, Any]], ids: list[str], teacher: dict
 
 def _judge_score_lc(judged: list[dict[str, Any]], rows: dict[str, dict[str, Any]], references: dict[str, str | None],
                     count: Callable[[str], int] | None) -> float | None:
-    """Length-controlled judge score over the scored prompts; lengths in student tokens (characters without a tokenizer)."""
+    """Length-controlled judge score over the scored prompts.
+
+    Lengths are in student tokens, or in characters when the student tokenizer is not available.
+    """
     size = count or len
     scored = [d for d in judged if d.get("score") is not None]
     return length_controlled_score([d["score"] for d in scored], [size(rows[d["id"]]["response"]) for d in scored],
@@ -307,8 +310,8 @@ def _print_summary(res: dict[str, Any]) -> None:
     for tag in res["models"]:
         for suite, m in res["results"][tag].items():
             dist = (m.get("distinguishability") or {}).get("accuracy")
-            table.add_row(tag, suite, fmt(m.get("judge_score")), fmt(m.get("judge_score_lc")), fmt(m.get("rouge_l"), "{:.3f}"),
-                          fmt(m.get("ngram_f1_mean"), "{:.3f}"), fmt(m.get("len_mean")),
+            table.add_row(tag, suite, fmt(m.get("judge_score")), fmt(m.get("judge_score_lc")),
+                          fmt(m.get("rouge_l"), "{:.3f}"), fmt(m.get("ngram_f1_mean"), "{:.3f}"), fmt(m.get("len_mean")),
                           fmt(m.get("truncated_frac"), "{:.0%}"), fmt(dist, "{:.0%}"))
     Console(stderr=True).print(table)
 

@@ -54,7 +54,8 @@ def _loss(a: float, b: float, y: Sequence[float], x: Sequence[float]) -> float:
     return total
 
 
-def fit_logistic(y: Sequence[float], x: Sequence[float], max_iter: int = 100, tol: float = 1e-10) -> tuple[float, float]:
+def fit_logistic(y: Sequence[float], x: Sequence[float], max_iter: int = 100,
+                 tol: float = 1e-10) -> tuple[float, float]:
     """``(a, b)`` minimising the cross-entropy of ``sigmoid(a + b x)`` against targets ``y`` in [0, 1].
 
     ``y`` and ``x``: (n,) each. Newton's method on the two parameters, halving a step that does not
