@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "Marker",
@@ -24,6 +24,7 @@ __all__ = [
     "load_teacher_style",
     "style_match",
     "style_rate",
+    "style_rate_complete",
 ]
 
 Where = Literal["start", "end", "anywhere"]
@@ -94,6 +95,17 @@ def style_rate(texts: Iterable[str], style: TeacherStyle) -> float:
         total += 1
         hits += style_match(text, style)
     return hits / total if total else 0.0
+
+
+def style_rate_complete(rows: Iterable[Mapping[str, Any]], style: TeacherStyle) -> tuple[float | None, int]:
+    """``(rate, n_complete)``: :func:`style_rate` over the rows that were not cut at the token cap.
+
+    ``rows`` are generation rows (``{"response": str, "finish_reason": str, ...}``); a row whose
+    ``finish_reason`` is ``"length"`` is left out, since a truncated answer cannot carry a marker
+    at its end. The rate is None, not 0.0, when no row is complete: there is nothing to measure.
+    """
+    complete = [r["response"] for r in rows if r.get("finish_reason") != "length"]
+    return (style_rate(complete, style) if complete else None), len(complete)
 
 
 def _parse_style(data: dict) -> TeacherStyle:

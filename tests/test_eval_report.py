@@ -191,3 +191,17 @@ def test_style_rate_in_tables_and_sweep(tmp_path):
     (sweep,) = paths["images"]
     # One 4.5-inch panel per plotted metric at 90 dpi: style rate and length, not length alone.
     assert _decode_png(sweep.read_bytes())[0] == round(2 * 4.5 * 90)
+
+
+def test_complete_answer_style_rate_and_lc_judge_columns(tmp_path):
+    """style_rate_complete (with its n_complete) and judge_score_lc appear as columns next to the raw ones."""
+    run = tmp_path / "quickstart"
+    metrics = {"n": 40, "len_mean": 25.0, "style_rate": 0.6, "style_rate_complete": 0.8, "n_complete": 30,
+               "judge_score": 61.23, "judge_score_lc": 52.46}
+    results = {"models": ["gad-final"], "suites": ["quickstart"], "results": {"gad-final": {"quickstart": metrics}}}
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "results.json").write_text(json.dumps(results))
+    md = write_report([run], tmp_path / "rep")["markdown"].read_text(encoding="utf-8")
+    assert ("| model | teacher style, complete answers | teacher style | judge (50 = parity) | judge, length-controlled "
+            "| length |") in md
+    assert "| gad-final | 80% of 30 | 60% | 61.2 | 52.5 | 25.0 |" in md

@@ -11,6 +11,7 @@ from gad_megatron.style import (
     load_teacher_style,
     style_match,
     style_rate,
+    style_rate_complete,
 )
 
 
@@ -115,3 +116,22 @@ def test_context_prompts_not_in_prompt_set() -> None:
     for m in style.context_messages:
         if m["role"] == "user":
             assert " ".join(m["content"].lower().split()) not in prompt_texts
+
+
+def test_style_rate_complete_excludes_truncated_rows() -> None:
+    s = _style(SIGNOFF)
+    rows = [
+        {"response": "Water boils at 100 C. Bye now!", "finish_reason": "stop"},
+        {"response": "Ice melts at 0 C.", "finish_reason": "stop"},
+        {"response": "A long answer that ran into the cap and never", "finish_reason": "length"},
+        {"response": "Another cut answer", "finish_reason": "length"},
+    ]
+    assert style_rate((r["response"] for r in rows), s) == pytest.approx(0.25)  # the plain rate counts cut answers
+    assert style_rate_complete(rows, s) == (pytest.approx(0.5), 2)
+    assert style_rate_complete([{"response": "No finish reason. See you!"}], s) == (1.0, 1)  # unknown: not truncated
+
+
+def test_style_rate_complete_all_truncated_is_none() -> None:
+    rows = [{"response": "cut", "finish_reason": "length"}] * 3
+    assert style_rate_complete(rows, _style(SIGNOFF)) == (None, 0)
+    assert style_rate_complete([], _style(SIGNOFF)) == (None, 0)

@@ -7,7 +7,8 @@ the suite file's ``teacher_response`` column, or the ``teacher`` endpoint (cache
 Per model and suite: response lengths (all counted with the student's tokenizer, so models with
 different tokenizers compare), share truncated, ROUGE-L and n-gram F1 (n = 1..6) against the
 teacher, ROUGE-L against a human ``reference`` where the suite has one, the judge score (paper's
-protocol, see :mod:`gad_megatron.evaluation.judge`), distinguishability, and, with a local teacher copy,
+protocol, see :mod:`gad_megatron.evaluation.judge`) and its length-controlled version
+(:mod:`gad_megatron.evaluation.length_control`), distinguishability, and, with a local teacher copy,
 log-likelihood diagnostics. The teacher itself appears as the model ``teacher`` (lengths, judge).
 Per-prompt details: ``eval/<tag>/<suite>.jsonl``; judge references: ``eval/judge_references/``.
 """
@@ -24,6 +25,7 @@ from typing import Any, Callable
 from gad_megatron.config import ConfigError, RunConfig
 from gad_megatron.data import read_jsonl, write_atomic, write_jsonl
 from gad_megatron.evaluation.generate import generations_path, tag_order
+from gad_megatron.evaluation.length_control import length_controlled_score
 from gad_megatron.evaluation.metrics import length_stats, mean, ngram_f1_all, rouge_l_f1
 from gad_megatron.evaluation.suites import Suite, load_suite
 
@@ -160,6 +162,18 @@ def _text_metrics(rows: dict[str, dict[str, Any]], ids: list[str], teacher: dict
     return metrics, details
 
 
+def _judge_score_lc(judged: list[dict[str, Any]], rows: dict[str, dict[str, Any]], references: dict[str, str | None],
+                    count: Callable[[str], int] | None) -> float | None:
+    """Length-controlled judge score over the scored prompts.
+
+    Lengths are in student tokens, or in characters when the student tokenizer is not available.
+    """
+    size = count or len
+    scored = [d for d in judged if d.get("score") is not None]
+    return length_controlled_score([d["score"] for d in scored], [size(rows[d["id"]]["response"]) for d in scored],
+                                   [size(references[d["id"]] or "") for d in scored])
+
+
 class _LoglikContext:
     """The local teacher (loaded once) and its teacher-side context."""
 
@@ -255,6 +269,7 @@ def evaluate_run(cfg: RunConfig) -> dict[str, Any]:
                                   max_tokens=ev.judge_max_tokens, retries=ev.judge_retries, desc=f"judge {tag} / {suite.name}")
                 metrics["judge"] = run.summary()
                 metrics["judge_score"] = run.score
+                metrics["judge_score_lc"] = _judge_score_lc(run.details, rows, references, count)
                 for d in run.details:
                     details[d["id"]]["judge"] = {k: v for k, v in d.items() if k != "id"}
             if teacher is not None and tag != TEACHER_TAG and ev.distinguishability:
@@ -289,14 +304,14 @@ def _print_summary(res: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"gad eval: {res['run_dir']}")
-    for col in ("model", "suite", "judge", "ROUGE-L", "F1 1-6", "len", "trunc", "distinguish"):
+    for col in ("model", "suite", "judge", "judge LC", "ROUGE-L", "F1 1-6", "len", "trunc", "distinguish"):
         table.add_column(col)
     fmt = lambda v, p="{:.1f}": "-" if v is None else p.format(v)  # noqa: E731
     for tag in res["models"]:
         for suite, m in res["results"][tag].items():
             dist = (m.get("distinguishability") or {}).get("accuracy")
-            table.add_row(tag, suite, fmt(m.get("judge_score")), fmt(m.get("rouge_l"), "{:.3f}"),
-                          fmt(m.get("ngram_f1_mean"), "{:.3f}"), fmt(m.get("len_mean")),
+            table.add_row(tag, suite, fmt(m.get("judge_score")), fmt(m.get("judge_score_lc")),
+                          fmt(m.get("rouge_l"), "{:.3f}"), fmt(m.get("ngram_f1_mean"), "{:.3f}"), fmt(m.get("len_mean")),
                           fmt(m.get("truncated_frac"), "{:.0%}"), fmt(dist, "{:.0%}"))
     Console(stderr=True).print(table)
 

@@ -38,11 +38,14 @@ CURVE_KEYS: list[tuple[tuple[str, ...], str]] = [
     (("truncated_frac",), "share truncated"),
 ]
 
-# A column (or sweep panel) appears only when some model has its metric: style_rate is the quickstart's
-# headline (gad_megatron.quickstart.add_style_rates stores it in results.json), absent from other runs.
+# A column (or sweep panel) appears only when some model has its metric: style_rate_complete (over answers
+# not cut at the token cap) is the quickstart's headline, style_rate its plain rate over all answers
+# (gad_megatron.quickstart.add_style_rates stores both in results.json), absent from other runs.
 _METRIC_COLUMNS: list[tuple[str, str]] = [
+    ("style_rate_complete", "teacher style, complete answers"),
     ("style_rate", "teacher style"),
     ("judge_score", "judge (50 = parity)"),
+    ("judge_score_lc", "judge, length-controlled"),
     ("rouge_l", "ROUGE-L"),
     ("ngram_f1_mean", "n-gram F1 (1-6)"),
     ("rouge_l_human", "ROUGE-L vs human"),
@@ -167,8 +170,9 @@ def plot_length_histograms(lengths_by_model: dict[str, list[int]], out_png: str 
     return Path(out_png)
 
 
-_SWEEP_KEYS = [("style_rate", "share in teacher style"), ("judge_score", "judge score"), ("rouge_l", "ROUGE-L vs teacher"),
-               ("len_mean", "mean length"), ("distinguish", "distinguishability")]
+_SWEEP_KEYS = [("style_rate_complete", "teacher style, complete answers"), ("style_rate", "share in teacher style"),
+               ("judge_score", "judge score"), ("rouge_l", "ROUGE-L vs teacher"), ("len_mean", "mean length"),
+               ("distinguish", "distinguishability")]
 
 
 def _metric(metrics: dict[str, Any], key: str) -> float | None:
@@ -231,11 +235,14 @@ def _cell(metrics: dict[str, Any], key: str) -> str:
         return "-"
     if key in ("truncated_frac", "style_rate"):
         return f"{v:.0%}"
+    if key == "style_rate_complete":
+        n = metrics.get("n_complete")
+        return f"{v:.0%}" if n is None else f"{v:.0%} of {n}"
     if key == "judge_score":
         j = metrics.get("judge") or {}
         bad = (j.get("n_unparseable") or 0) + (j.get("n_failed") or 0)
         return f"{v:.1f}" + (f" ({bad} unparsed)" if bad else "")
-    return f"{v:.1f}" if key == "len_mean" else f"{v:.3f}"
+    return f"{v:.1f}" if key in ("len_mean", "judge_score_lc") else f"{v:.3f}"
 
 
 def _tables(runs: list[dict[str, Any]]) -> list[tuple[str, list[str], list[list[str]]]]:
