@@ -1,0 +1,125 @@
+"""The reward-hacking guard: its bounds over synthetic metric rows, its baseline after a resume,
+the stop and its checkpoint; then real tiny gad stages, one made to hack (frozen D, high G lr)
+and one healthy, under the same bounds."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from gad_megatron.config import HackingGuardConfig
+from gad_megatron.trainer.hacking_guard import ALARMS, HackingGuard, last_good_checkpoint
+from gad_megatron.trainer.metrics import logged_rows
+
+HEALTHY = {"len_vs_teacher": 1.0, "truncated_frac": 0.1, "d_acc": 0.7, "reward_mean": 0.0}
+
+
+def rows(n: int, start: int = 1, **changed: float) -> list[dict]:
+    """``n`` metric rows from step ``start``: healthy values, ``changed`` overriding them."""
+    return [{"step": s, **HEALTHY, **changed} for s in range(start, start + n)]
+
+
+def run(guard: HackingGuard, steps: list[dict]) -> list[dict[str, float]]:
+    return [guard.observe(r["step"], r) for r in steps]
+
+
+def test_silent_on_flat_healthy_rows_and_nothing_checked_before_a_full_window(caplog) -> None:
+    out = run(HackingGuard(HackingGuardConfig(max_reward_rise=0.5)), rows(30))
+    assert all(o[ALARMS] == 0 for o in out)
+    assert set(out[3]) == {ALARMS}, "step 4: fewer than window=5 steps, no signal yet"
+    assert out[4] == pytest.approx({"guard/length_vs_teacher": 1.0, "guard/truncation_rise": 0.0, "guard/d_acc": 0.7,
+                                    "guard/reward_rise": 0.0, ALARMS: 0.0})  # fmt: skip
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(("changed", "key", "cfg"), [
+    ({"len_vs_teacher": 1.8}, "max_length_growth", {}),
+    ({"truncated_frac": 0.5}, "max_truncation_rise", {}),
+    ({"d_acc": 0.05}, "min_d_acc", {}),
+    ({"reward_mean": 2.0}, "max_reward_rise", {"max_reward_rise": 1.0}),
+])  # fmt: skip
+def test_each_bound_fires_alone(changed: dict, key: str, cfg: dict, caplog) -> None:
+    guard = HackingGuard(HackingGuardConfig(**cfg))
+    healthy, hacked = run(guard, rows(5)), run(guard, rows(10, start=6, **changed))
+    assert all(o[ALARMS] == 0 for o in healthy)
+    assert hacked[-1][ALARMS] == 1, "a full window of hacked steps crosses this bound and no other"
+    fired = [o for o in hacked if o[ALARMS]]
+    assert guard.first_alarm == 5 + len(hacked) - len(fired) + 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == len(fired) and all(f"train.hacking_guard.{key}" in w for w in warnings)
+    assert f"step {guard.first_alarm}:" in warnings[0]
+
+
+def test_reward_rise_is_reported_but_not_checked_by_default() -> None:
+    guard = HackingGuard(HackingGuardConfig())
+    out = run(guard, rows(5) + rows(5, start=6, reward_mean=9.0))
+    assert out[-1]["guard/reward_rise"] == pytest.approx(9.0) and out[-1][ALARMS] == 0
+
+
+def test_a_resumed_run_keeps_its_baseline_from_the_logged_rows(tmp_path: Path) -> None:
+    """Truncation creeps up by 0.04 a step: at step 12 the rise over steps 1-5 is 0.28 > 0.25,
+    while a baseline taken from the steps after the resume would see no rise."""
+    history = [{"step": s, **HEALTHY, "truncated_frac": 0.04 * s} for s in range(1, 13)]
+    whole = HackingGuard(HackingGuardConfig())
+    expected = run(whole, history)[-1]
+    assert expected[ALARMS] == 1 and expected["guard/truncation_rise"] == pytest.approx(0.28)
+    log = tmp_path / "metrics.jsonl"  # as MetricsLogger writes it, steps 1-11 logged, with a torn last line
+    log.write_text("".join(json.dumps(r) + "\n" for r in history[:11]) + '{"step": 12, "d_a')
+    resumed = HackingGuard(HackingGuardConfig(), logged_rows(log, before_step=9))  # resumed from step 8
+    assert run(resumed, history[8:])[-1] == pytest.approx(expected)
+
+
+def test_the_first_alarm_is_restored_from_the_logged_rows(tmp_path: Path) -> None:
+    logged = rows(3) + [{"step": 4, **HEALTHY, ALARMS: 2.0}, {"step": 5, **HEALTHY, ALARMS: 0.0}]
+    guard = HackingGuard(HackingGuardConfig(), logged)
+    assert guard.first_alarm == 4
+    guard.observe(6, {"step": 6, **HEALTHY})
+    assert guard.first_alarm == 4 and not guard.should_stop
+
+
+def test_stop_only_when_set_and_only_on_an_alarm() -> None:
+    for stop in (False, True):
+        guard = HackingGuard(HackingGuardConfig(stop=stop))
+        run(guard, rows(5))
+        assert not guard.should_stop
+        run(guard, rows(5, start=6, d_acc=0.0))
+        assert guard.should_stop is stop
+
+
+def test_the_last_good_checkpoint_precedes_the_first_alarm() -> None:
+    saved = [(8, Path("megatron/iter_0000008")), (4, Path("checkpoint-4")), (6, Path("checkpoint-6")),
+             (8, Path("checkpoint-8"))]  # fmt: skip
+    assert last_good_checkpoint(saved, first_alarm=7) == (6, Path("checkpoint-6"))
+    assert last_good_checkpoint(saved, first_alarm=9) == (8, Path("megatron/iter_0000008")), "resumable first"
+    assert last_good_checkpoint(saved, first_alarm=8) == (6, Path("checkpoint-6")), "not the alarm step's own"
+    assert last_good_checkpoint(saved, first_alarm=4) is None
+    guard = HackingGuard(HackingGuardConfig(stop=True), rows(6) + [{"step": 7, **HEALTHY, ALARMS: 1.0}])
+    message = guard.stop_message(9, saved)
+    assert "after step 9" in message and "first alarm: step 7" in message and "checkpoint-6 (step 6)" in message
+
+
+def test_stop_raises_on_every_rank_only_when_set(tmp_path: Path) -> None:
+    """The trainer's stop: one process group of one rank (gloo), the broadcast included."""
+    import torch
+
+    from gad_megatron.trainer.hacking_guard import RewardHackingError
+    from gad_megatron.trainer.run import _stop_if_hacked
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "COMPLETE").write_text("complete\n")
+    (tmp_path / "checkpoint-4").mkdir()  # an unfinished export: never named
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        for stop in (False, True):
+            guard = HackingGuard(HackingGuardConfig(stop=stop))
+            run(guard, rows(5) + rows(5, start=6, d_acc=0.0))
+            if not stop:
+                _stop_if_hacked(guard, 10, tmp_path / "megatron", tmp_path)
+                continue
+            with pytest.raises(RewardHackingError, match=r"checkpoint-2 \(step 2\)"):
+                _stop_if_hacked(guard, 10, tmp_path / "megatron", tmp_path)
+    finally:
+        torch.distributed.destroy_process_group()
