@@ -123,3 +123,58 @@ def test_stop_raises_on_every_rank_only_when_set(tmp_path: Path) -> None:
                 _stop_if_hacked(guard, 10, tmp_path / "megatron", tmp_path)
     finally:
         torch.distributed.destroy_process_group()
+
+
+# The tiny gad runs: warmup (SFT at a high lr, so that G learns to end its answers near the
+# teacher's 12 tokens) then gad twice from it, both with stop: true and the default bounds.
+# Measured (len_vs_teacher, 5-step mean): the hacked run (frozen D, G lr 2e-2) collapses onto a
+# repeated token from step 2 and hits the 24-token limit: 1.76 at step 5, ~1.98 after; the
+# healthy run (D learning, G lr 1e-4) stays at 1.07-1.08 over steps 5-10. D's accuracy is 1.0 in
+# both and the mean reward does not rise: the length bound is the one that fires.
+RUN = {"max_response_length": 24, "batch_prompts": 4, "num_generations": 4, "save_steps": 4}
+WARMUP = ("train.max_steps=16", "train.learning_rate=2e-2", "parallel.micro_batch_tokens=304")
+
+
+@pytest.fixture(scope="module")
+def warmed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, Path]:
+    from tests.helpers.tiny_run import write_tiny_setup
+    from tests.test_megatron_stages import gad, ok
+
+    config = write_tiny_setup(tmp_path_factory.mktemp("guard"), tiny_model_dir, **RUN)
+    ok(gad(config, "warmup", *WARMUP))
+    return config, config.parent / "run" / "warmup" / "final"
+
+
+def _gad(warmed: tuple[Path, Path], run_dir: Path, *sets: str):
+    from tests.test_megatron_stages import gad, metrics
+
+    config, warm = warmed
+    proc = gad(config, "gad", f"run_dir={run_dir}", f"train.init_from={warm}", "parallel.micro_batch_tokens=304",
+               "train.hacking_guard.stop=true", *sets)  # fmt: skip
+    rows = metrics(run_dir / "gad")
+    print("\n".join(f"step {r['step']}: len_vs_teacher {r['len_vs_teacher']:.3f} truncated {r['truncated_frac']:.3f} "
+                    f"d_acc {r['d_acc']:.3f} reward {r['reward_mean']:.3f} alarms {r['guard/alarms']:.0f}" for r in rows))
+    return proc, rows
+
+
+@pytest.mark.slow  # with the healthy run below: three trainer starts, about 3-4 min on 2 shared cores
+def test_a_hacked_gad_run_fires_and_stops_naming_the_last_good_checkpoint(warmed, tmp_path: Path) -> None:
+    proc, rows = _gad(warmed, tmp_path, "train.freeze_discriminator=true", "train.learning_rate=2e-2",
+                      "train.max_steps=10")  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], "stops after the first alarm step"
+    assert rows[-1]["guard/alarms"] == 1 and rows[-1]["guard/length_vs_teacher"] > 1.5
+    warnings = [line for line in proc.stderr.splitlines() if "reward-hacking guard: step 5:" in line]
+    assert len(warnings) == 1 and "train.hacking_guard.max_length_growth" in warnings[0]
+    good = tmp_path / "gad" / "megatron" / "iter_0000004"
+    assert good.is_dir() and f"the last good checkpoint is {good} (step 4)" in proc.stderr
+    assert not (tmp_path / "gad" / "final").exists()
+
+
+@pytest.mark.slow
+def test_a_healthy_gad_run_stays_silent_under_the_same_bounds(warmed, tmp_path: Path) -> None:
+    proc, rows = _gad(warmed, tmp_path, "train.learning_rate=1e-4", "train.max_steps=10")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(rows) == 10 and all(r["guard/alarms"] == 0 for r in rows)
+    assert max(r["guard/length_vs_teacher"] for r in rows[4:]) < 1.3, "a margin under the 1.5 bound"
+    assert "reward-hacking guard" not in proc.stderr
