@@ -127,10 +127,11 @@ def test_stop_raises_on_every_rank_only_when_set(tmp_path: Path) -> None:
 
 # The tiny gad runs: warmup (SFT at a high lr, so that G learns to end its answers near the
 # teacher's 12 tokens) then gad twice from it, both with stop: true and the default bounds.
-# Measured (len_vs_teacher, 5-step mean): the hacked run (frozen D, G lr 2e-2) collapses onto a
-# repeated token from step 2 and hits the 24-token limit: 1.76 at step 5, ~1.98 after; the
-# healthy run (D learning, G lr 1e-4) stays at 1.07-1.08 over steps 5-10. D's accuracy is 1.0 in
-# both and the mean reward does not rise: the length bound is the one that fires.
+# Measured (len_vs_teacher per step; its 5-step mean is guard/length_vs_teacher): the hacked run
+# (frozen D, G lr 2e-2) starts at 0.54, then collapses onto a repeated token and hits the 24-token
+# limit (1.93-2.0 from step 2; mean 1.69 at step 5); the healthy run (D learning, G lr 1e-4) stays
+# at 0.54-0.93 (means 0.64-0.72 over steps 5-10). D's accuracy is 0.94-1.0 in both and the mean
+# reward falls in both: the length bound is the one that fires.
 RUN = {"max_response_length": 24, "batch_prompts": 4, "num_generations": 4, "save_steps": 4}
 WARMUP = ("train.max_steps=16", "train.learning_rate=2e-2", "parallel.micro_batch_tokens=304")
 
