@@ -253,7 +253,7 @@ def _pair_metrics(teacher_P: torch.Tensor, student_PN: torch.Tensor, advantages_
     }
 
 
-def teacher_length(encoder: TextEncoder, response: str) -> int:
+def _teacher_length(encoder: TextEncoder, response: str) -> int:
     """The teacher response's length as a rollout's is counted: its tokens and one stop token,
     at most the response budget."""
     text_tokens = len(encoder.tokenizer(response.strip(), add_special_tokens=False)["input_ids"])
@@ -263,7 +263,7 @@ def teacher_length(encoder: TextEncoder, response: str) -> int:
 def _rollout_metrics(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout]) -> dict[str, float]:
     """Rollout lengths and truncated share; ``len_vs_teacher``: their mean over the teacher's on the same prompts."""
     m = rollout_metrics(rollouts)
-    teacher = [teacher_length(ctx.encoder, p["teacher_response"]) for p in prompts]
+    teacher = [_teacher_length(ctx.encoder, p["teacher_response"]) for p in prompts]
     len_mean, teacher_len_mean = _dp_mean(m["rollout/length_mean"]), _dp_mean(sum(teacher) / max(len(teacher), 1))
     return {"len_mean": len_mean, "len_max": _dp_max(m["rollout/length_max"]),
             "truncated_frac": _dp_mean(m["rollout/truncated"]), "teacher_len_mean": teacher_len_mean,
