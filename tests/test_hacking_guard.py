@@ -179,3 +179,20 @@ def test_a_healthy_gad_run_stays_silent_under_the_same_bounds(warmed, tmp_path: 
     assert len(rows) == 10 and all(r["guard/alarms"] == 0 for r in rows)
     assert max(r["guard/length_vs_teacher"] for r in rows[4:]) < 1.3, "a margin under the 1.5 bound"
     assert "reward-hacking guard" not in proc.stderr
+
+
+@pytest.mark.slow  # one torchrun start of two processes, 35-60 s here
+def test_every_rank_stops_together_under_torchrun(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """G straight from the random tiny model never ends an answer: 24 tokens against the
+    teacher's 12, so the default length bound fires at step 5, decided on rank 0 alone."""
+    from tests.helpers.tiny_run import write_tiny_setup
+    from tests.test_megatron_stages import gad, metrics
+
+    config = write_tiny_setup(tmp_path, tiny_model_dir, **RUN)
+    proc = gad(config, "gad", f"train.init_from={tiny_model_dir}", "parallel.micro_batch_tokens=304",
+               "train.hacking_guard.stop=true", "train.max_steps=8", nproc=2)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert [r["guard/alarms"] for r in metrics(tmp_path / "run" / "gad")] == [0, 0, 0, 0, 1]
+    stopped = [line for line in proc.stderr.splitlines() if "reward-hacking guard stopped the stage after step 5" in line]
+    assert len(stopped) == 2, "each rank raises and logs the stop"
+    assert all(str(tmp_path / "run" / "gad" / "megatron" / "iter_0000004") in line for line in stopped)
