@@ -26,6 +26,17 @@ def run(guard: HackingGuard, steps: list[dict]) -> list[dict[str, float]]:
     return [guard.observe(r["step"], r) for r in steps]
 
 
+def test_the_config_section_is_strict_with_the_documented_defaults() -> None:
+    from gad_megatron.config import ConfigError, RunConfig, parse_config
+
+    assert RunConfig(run_dir="r", data={"path": "hub/set"}).train.hacking_guard == HackingGuardConfig(
+        window=5, max_length_growth=1.5, max_truncation_rise=0.25, min_d_acc=0.15, max_reward_rise=None, stop=False)
+    with pytest.raises(ConfigError, match=r"train.hacking_guard.max_length: unknown key"):
+        parse_config({"run_dir": "r", "data": {"path": "hub/set"}, "train": {"hacking_guard": {"max_length": 2}}})
+    with pytest.raises(ConfigError, match=r"train.hacking_guard.window"):
+        parse_config({"run_dir": "r", "data": {"path": "hub/set"}, "train": {"hacking_guard": {"window": 0}}})
+
+
 def test_silent_on_flat_healthy_rows_and_nothing_checked_before_a_full_window(caplog) -> None:
     out = run(HackingGuard(HackingGuardConfig(max_reward_rise=0.5)), rows(30))
     assert all(o[ALARMS] == 0 for o in out)
