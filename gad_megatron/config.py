@@ -75,6 +75,31 @@ class TeacherConfig(_Strict):
     price_per_1m_completion_tokens: float | None = Field(None, ge=0)
 
 
+class HackingGuardConfig(_Strict):
+    """Reward-hacking guard of the `gad` stage: bounds on moving averages of logged signals."""
+
+    window: int = Field(5, ge=1, description="Steps in the baseline (the stage's first steps) and in the moving "
+                        "average of recent steps that is compared to the bounds; no bound is checked before then.")
+    max_length_growth: float = Field(
+        1.5, gt=0.0, description="Alarm when rollout length / the teacher's length on the same prompts (moving "
+        "average of len_vs_teacher) exceeds this. The paper's hacked run grew to ~1,300 tokens.",
+    )
+    max_truncation_rise: float = Field(
+        0.25, gt=0.0, le=1.0, description="Alarm when the share of rollouts cut at max_response_length (moving "
+        "average) exceeds its baseline by more than this.",
+    )
+    min_d_acc: float = Field(
+        0.15, ge=0.0, le=1.0, description="Alarm when D's pair accuracy (moving average) falls below this; checked "
+        "with a frozen D too: its accuracy is measured on each step's pairs all the same.",
+    )
+    max_reward_rise: float | None = Field(
+        None, gt=0.0, description="Alarm when the mean reward (moving average) exceeds its baseline by more than "
+        "this. Default: off (D's score scale is arbitrary, so no bound fits every run).",
+    )
+    stop: bool = Field(False, description="On an alarm, stop the stage after the step's checkpoint handling (exit 1, "
+                       "naming the last checkpoint saved before the first alarm); off: warn and go on.")
+
+
 class TrainConfig(_Strict):
     """Hyper-parameters of the three training stages. Defaults are the paper's 7B settings."""
 
@@ -108,6 +133,9 @@ class TrainConfig(_Strict):
         "the teacher from the student. Default: off (the paper warms up for a fixed epoch).",
     )
     freeze_discriminator: bool = Field(False, description="Off-policy ablation: D is not updated during gad.")
+    hacking_guard: HackingGuardConfig = Field(
+        default_factory=HackingGuardConfig, description="Reward-hacking alarms of the gad stage (warmup, seqkd: unused)."
+    )
     tis_cap: float | None = Field(
         None, gt=0, description="Token-level truncated importance sampling against the rollout engine's log-probs: "
         "weight min(exp(logp_train - logp_engine), cap). Default: off, except 2.0 with parallel.precision=fp8, "

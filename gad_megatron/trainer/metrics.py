@@ -23,7 +23,8 @@ from gad_megatron.config import ConfigError
 from gad_megatron.telemetry import gpu_metrics
 
 __all__ = [
-    "SUMMARY_KEYS", "MetricsLogger", "NonFiniteError", "PhaseTimer", "check_finite", "estimate_mfu", "peak_flops",
+    "SUMMARY_KEYS", "MetricsLogger", "NonFiniteError", "PhaseTimer", "check_finite", "estimate_mfu", "logged_rows",
+    "peak_flops",
 ]
 
 # The console summary: what tells at a glance whether adversarial training is healthy.
@@ -236,16 +237,27 @@ class MetricsLogger:
         self.close()
 
 
-def _truncate(path: Path, resume_step: int) -> None:
-    """Keep the lines of steps before ``resume_step``; a torn last line (killed mid-write) goes too."""
-    kept = []
+def _rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each line with a whole JSON object and an integer ``step``, and that object; a torn line
+    (killed mid-write) is skipped."""
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            step = json.loads(line).get("step")
-        except (json.JSONDecodeError, AttributeError):
+            row = json.loads(line)
+        except json.JSONDecodeError:
             continue
-        if isinstance(step, int) and step < resume_step:
-            kept.append(line + "\n")
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            yield line, row
+
+
+def logged_rows(path: str | Path, before_step: int) -> list[dict[str, Any]]:
+    """The rows a ``metrics.jsonl`` holds for steps before ``before_step``, in file order ([] without the file)."""
+    path = Path(path)
+    return [row for _, row in _rows(path) if row["step"] < before_step] if path.is_file() else []
+
+
+def _truncate(path: Path, resume_step: int) -> None:
+    """Keep the lines of steps before ``resume_step``; a torn last line (killed mid-write) goes too."""
+    kept = [line + "\n" for line, row in _rows(path) if row["step"] < resume_step]
     path.write_text("".join(kept), encoding="utf-8")
 
 

@@ -32,7 +32,15 @@ from gad_megatron.discriminator import TextEncoder
 from gad_megatron.rollout.replicas import Replicas
 from gad_megatron.rollout.step import RolloutSettings
 from gad_megatron.trainer.actor import TRAINING_OVERRIDES, build_actor
-from gad_megatron.trainer.metrics import MetricsLogger, NonFiniteError, check_finite, estimate_mfu, peak_flops
+from gad_megatron.trainer.hacking_guard import HackingGuard, RewardHackingError
+from gad_megatron.trainer.metrics import (
+    MetricsLogger,
+    NonFiniteError,
+    check_finite,
+    estimate_mfu,
+    logged_rows,
+    peak_flops,
+)
 from gad_megatron.trainer.setup import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
@@ -274,6 +282,24 @@ def _record_start(out_dir: Path, resume: str | None, loaded: Path | None, step: 
         fh.write(json.dumps(row) + "\n")
 
 
+def _saved_checkpoints(ckpt_dir: Path, out_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the complete checkpoints on disk: resumable ``megatron/iter_*`` first, then
+    the HF exports ``checkpoint-<step>/``."""
+    resumable = [(int(p.name.removeprefix(checkpoint.PREFIX)), p) for p in checkpoint.complete_checkpoints(ckpt_dir)]
+    exports = [(int(p.name.removeprefix("checkpoint-")), p) for p in out_dir.glob("checkpoint-*")
+               if (p / COMPLETE_MARKER).is_file()]  # fmt: skip
+    return resumable + sorted(exports)
+
+
+def _stop_if_hacked(guard: HackingGuard | None, step: int, ckpt_dir: Path, out_dir: Path) -> None:
+    """Every rank raises :class:`RewardHackingError` when rank 0's guard (the only one) asks to stop."""
+    stop = guard is not None and guard.should_stop
+    box = [guard.stop_message(step, _saved_checkpoints(ckpt_dir, out_dir)) if stop else None]
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise RewardHackingError(box[0])
+
+
 def _export_hf(ctx: StepContext, out: Path, tokenizer: Any) -> Path:
     """G as an HF causal LM in ``out``, D as an HF sequence classifier in ``out/discriminator``,
     then the ``COMPLETE`` marker that ``gad generate --sweep`` and ``--resume`` look for."""
@@ -323,12 +349,16 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
         _record_start(out_dir, resume, loaded, start)
     step_fn = STEPS[stage]
     g_params = _parameter_count(ctx.g.module)
+    guards = stage == "gad" and launch.rank == 0  # the guard reads rank 0's metrics and their log
+    guard = HackingGuard(t.hacking_guard, logged_rows(out_dir / "metrics.jsonl", start + 1)) if guards else None
     with MetricsLogger.open(cfg.run_dir, stage, plan.total_steps, t.report_to, launch.rank, resume_step=start + 1) as logger:
         for step in range(start + 1, plan.total_steps + 1):
             metrics = step_fn(ctx, [records[i] for i in plan.prompts_of(step)], step)
             metrics |= _throughput(metrics, g_params, ctx.g.lm.hf_config, launch.world_size,
                                    _precision(cfg) == "fp8")  # fmt: skip
             check_finite(step, metrics, [k for k in WATCHED if k in metrics])
+            if guard is not None:
+                metrics |= guard.observe(step, metrics)
             logger.log(step, metrics)
             d_accuracy.append(metrics.get("d_acc", 0.0))
             # Never before G's first SFT step: GAD starts from (and is held near) warmup's G.
@@ -342,6 +372,8 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
                                            keep=max(1, t.keep_resume_states))  # fmt: skip
             if step % t.save_steps == 0 and not last:  # the last step's weights are final/
                 _export_hf(ctx, out_dir / f"checkpoint-{step}", tokenizer)
+            if stage == "gad" and t.hacking_guard.stop:
+                _stop_if_hacked(guard, step, ckpt_dir, out_dir)
             if stop and not last:
                 log.warning("preempted after step %d: checkpoint written, exiting %d (resume with --resume)",
                             step, preemption.PREEMPTED_EXIT_CODE)  # fmt: skip
@@ -357,11 +389,14 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
 
 
 def run_stage(cfg: RunConfig, resume: str | None = None) -> int:
-    """CLI entry: train, say where the model went; NaN/inf stops with the step and quantity (exit 1)."""
+    """CLI entry: train, say where the model went; NaN/inf or the reward-hacking guard's stop: exit 1."""
     try:
         final = train_stage(cfg, resume)
     except NonFiniteError as err:
         log.error("training stopped: %s; the last complete checkpoint is intact (resume with --resume)", err)
+        return 1
+    except RewardHackingError as err:
+        log.error("%s", err)
         return 1
     log.info("%s finished: %s", cfg.train.stage, final)  # every rank: per-node logs show who got here
     return 0

@@ -180,7 +180,8 @@ def gad_step(ctx: StepContext, step_prompts: Prompts, step: int) -> dict[str, fl
         metrics |= update_generator_pg(ctx, prompts, rollouts, advantages_PN)
     with timer("sync"):
         metrics |= sync(ctx)
-    return metrics | timer.pop() | _pair_metrics(teacher_P, rewards_PN, advantages_PN) | _rollout_metrics(rollouts)
+    return (metrics | timer.pop() | _pair_metrics(teacher_P, rewards_PN, advantages_PN)
+            | _rollout_metrics(ctx, prompts, rollouts))
 
 
 def warmup_step(ctx: StepContext, step_prompts: Prompts, step: int) -> dict[str, float]:
@@ -198,7 +199,8 @@ def warmup_step(ctx: StepContext, step_prompts: Prompts, step: int) -> dict[str,
         with timer("sync"):
             metrics |= sync(ctx)
     advantages_PN = group_advantages(student_PN)
-    return metrics | timer.pop() | _pair_metrics(teacher_P, student_PN, advantages_PN) | _rollout_metrics(rollouts)
+    return (metrics | timer.pop() | _pair_metrics(teacher_P, student_PN, advantages_PN)
+            | _rollout_metrics(ctx, prompts, rollouts))
 
 
 def seqkd_step(ctx: StepContext, step_prompts: Prompts, step: int) -> dict[str, float]:
@@ -251,7 +253,18 @@ def _pair_metrics(teacher_P: torch.Tensor, student_PN: torch.Tensor, advantages_
     }
 
 
-def _rollout_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
+def _teacher_length(encoder: TextEncoder, response: str) -> int:
+    """The teacher response's length as a rollout's is counted: its tokens and one stop token,
+    at most the response budget."""
+    text_tokens = len(encoder.tokenizer(response.strip(), add_special_tokens=False)["input_ids"])
+    return min(text_tokens + 1, encoder.max_response_length)
+
+
+def _rollout_metrics(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout]) -> dict[str, float]:
+    """Rollout lengths and truncated share; ``len_vs_teacher``: their mean over the teacher's on the same prompts."""
     m = rollout_metrics(rollouts)
-    return {"len_mean": _dp_mean(m["rollout/length_mean"]), "len_max": _dp_max(m["rollout/length_max"]),
-            "truncated_frac": _dp_mean(m["rollout/truncated"])}  # fmt: skip
+    teacher = [_teacher_length(ctx.encoder, p["teacher_response"]) for p in prompts]
+    len_mean, teacher_len_mean = _dp_mean(m["rollout/length_mean"]), _dp_mean(sum(teacher) / max(len(teacher), 1))
+    return {"len_mean": len_mean, "len_max": _dp_max(m["rollout/length_max"]),
+            "truncated_frac": _dp_mean(m["rollout/truncated"]), "teacher_len_mean": teacher_len_mean,
+            "len_vs_teacher": len_mean / max(teacher_len_mean, 1.0)}  # fmt: skip
