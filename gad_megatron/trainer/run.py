@@ -28,9 +28,9 @@ import torch
 
 from gad_megatron import checkpoint, preemption
 from gad_megatron.config import ConfigError, RunConfig, save_resolved_config
-from gad_megatron.discriminator import TextEncoder
 from gad_megatron.rollout.replicas import Replicas
 from gad_megatron.rollout.step import RolloutSettings
+from gad_megatron.text_encoding import TextEncoder
 from gad_megatron.trainer.actor import TRAINING_OVERRIDES, build_actor
 from gad_megatron.trainer.metrics import MetricsLogger, NonFiniteError, check_finite, estimate_mfu, peak_flops
 from gad_megatron.trainer.setup import (

@@ -141,8 +141,8 @@ def check_model(hf_model: Any, prompts: list[list[int]], out_dir: Path, tag: str
 
 def chat_prompts(hf_dir: str) -> list[list[int]]:
     """Questions rendered by the model's chat template, as the rollout step renders them."""
-    from gad_megatron.discriminator import TextEncoder
     from gad_megatron.models.sources import load_tokenizer
+    from gad_megatron.text_encoding import TextEncoder
 
     encoder = TextEncoder(load_tokenizer(hf_dir), max_prompt_length=128, max_response_length=GREEDY_TOKENS)
     questions = ["What is the capital of France?", "Name a colour.", "Say hello in French."]
