@@ -16,7 +16,9 @@ from typing import Any, Sequence
 
 from gad_megatron.config import ConfigError, RunConfig, TeacherConfig, save_resolved_config
 from gad_megatron.data import DataError, filter_long_prompts, format_ids, load_records, read_jsonl, write_jsonl
-from gad_megatron.teacher import Completion, RequestStats, RetryPolicy, response_flags, run_requests_with_stats
+from gad_megatron.teacher.bulk import run_requests_with_stats
+from gad_megatron.teacher.results import Completion, RequestStats, response_flags
+from gad_megatron.teacher.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from gad_megatron.collect import collect, load_collected, run_collect
 from gad_megatron.config import ConfigError, Message, TeacherConfig, load_config, parse_config
 from gad_megatron.data import read_jsonl
 from gad_megatron.llama_server import LlamaServer, LlamaServerError
-from gad_megatron.teacher import run_requests
+from gad_megatron.teacher.bulk import run_requests
 from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.server
