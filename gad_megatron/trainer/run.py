@@ -268,7 +268,7 @@ def _record_start(out_dir: Path, resume: str | None, loaded: Path | None, step: 
 def _export_hf(ctx: StepContext, out: Path, tokenizer: Any) -> Path:
     """G as an HF causal LM in ``out``, D as an HF sequence classifier in ``out/discriminator``,
     then the ``COMPLETE`` marker that ``gad generate --sweep`` and ``--resume`` look for."""
-    from gad_megatron.rollout.reshard import export_hf
+    from gad_megatron.rollout.hf_export import export_hf
 
     export_hf(ctx.g.lm, None, out, tokenizer)
     if ctx.d_lm is not None:

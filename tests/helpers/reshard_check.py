@@ -31,7 +31,8 @@ from gad_megatron.models.policy import MegatronLM, broadcast_from_last_stage, bu
 from gad_megatron.parallel.launch import init_distributed
 from gad_megatron.rollout.engine import SamplingParams
 from gad_megatron.rollout.hf_engine import TransformersEngine
-from gad_megatron.rollout.reshard import export_hf, plan_buckets, stream_hf_weights, sync_weights
+from gad_megatron.rollout.hf_export import export_hf
+from gad_megatron.rollout.reshard import plan_buckets, stream_hf_weights, sync_weights
 from tests.helpers.tiny_hf import tiny_model
 
 GREEDY_TOKENS = 6
