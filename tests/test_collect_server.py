@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from gad_megatron import cli
-from gad_megatron.collect import collect, load_collected, run_collect
+from gad_megatron.collect import collect, run_collect
 from gad_megatron.config import ConfigError, Message, TeacherConfig, load_config, parse_config
-from gad_megatron.data import read_jsonl
+from gad_megatron.data import load_collected, read_jsonl
 from gad_megatron.llama_server import LlamaServer, LlamaServerError
 from gad_megatron.teacher.bulk import run_requests
 from tests.fault_proxy import FaultProxy
