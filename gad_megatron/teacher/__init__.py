@@ -5,7 +5,7 @@
   jittered exponential backoff on 408, 409, 429, 5xx, timeouts, dropped connections and
   unreadable responses, honouring ``Retry-After``. The ``openai`` client's own retries are off
   (``max_retries=0``) so there is exactly one policy.
-- :mod:`.bulk`: :func:`~.bulk.run_requests` answers many requests with bounded concurrency, a
+- :mod:`.bulk`: :func:`~.bulk.run_requests_with_stats` answers many requests with bounded concurrency, a
   progress bar and a durable cache (:mod:`gad_megatron.cache`): each answer is committed before
   it counts as done, so a killed run resumes without asking again, and a repeated run asks nothing.
 - :mod:`.results`: what comes back: :class:`~.results.Completion` (with quality flags) and the

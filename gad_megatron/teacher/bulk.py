@@ -148,17 +148,6 @@ def run_requests_with_stats(
     sampling: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> tuple[dict[str, Completion], RequestStats]:
-    """Synchronous :func:`arun_requests`."""
+    """Synchronous :func:`arun_requests`: key -> :class:`Completion` for every request (cached, bounded
+    concurrency, resumable), and the batch's counters."""
     return _run_sync(arun_requests(cfg, requests, cache_path, desc, sampling, **kwargs))
-
-
-def run_requests(
-    cfg: TeacherConfig,
-    requests: Sequence[tuple[str, Sequence[Mapping[str, str]]]],
-    cache_path: str | Path,
-    desc: str = "teacher",
-    sampling: Mapping[str, Any] | None = None,
-    **kwargs: Any,
-) -> dict[str, Completion]:
-    """Key -> :class:`Completion` for every request (cached, bounded concurrency, resumable)."""
-    return run_requests_with_stats(cfg, requests, cache_path, desc, sampling, **kwargs)[0]
