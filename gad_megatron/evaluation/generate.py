@@ -222,8 +222,8 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
-def _trainer_output_tag(parts: Sequence[str]) -> str:
-    """``gad-final``, ``gad-step50``: path parts joined, ``checkpoint-N`` shortened to ``stepN``."""
+def _path_tag(parts: Sequence[str]) -> str:
+    """Path parts joined by ``-``, a last ``checkpoint-N`` shortened to ``stepN`` (``gad-step50``)."""
     parts = list(parts)
     if m := _CKPT.match(parts[-1]):
         parts[-1] = f"step{m.group(1)}"
@@ -245,9 +245,9 @@ def model_tag(spec: str, run_dir: str | Path | None = None) -> str:
         if run_dir is not None and resolved.is_relative_to(Path(run_dir).resolve()):
             parts = resolved.relative_to(Path(run_dir).resolve()).parts
             if parts:
-                return _trainer_output_tag(parts)
+                return _path_tag(parts)
         if resolved.name == "final" or _CKPT.match(resolved.name):
-            return _trainer_output_tag(resolved.parts[-3:])
+            return _path_tag(resolved.parts[-3:])
     name = path.name if path.exists() else spec.rstrip("/").split("/")[-1]
     return _safe_name(name.removesuffix(".gguf")) or "model"
 
