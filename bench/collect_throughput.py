@@ -27,7 +27,7 @@ from pathlib import Path
 
 from gad_megatron.config import TeacherConfig
 from gad_megatron.llama_server import LlamaServer
-from gad_megatron.teacher import run_requests_with_stats
+from gad_megatron.teacher.bulk import run_requests_with_stats
 
 
 def load_prompts(n: int) -> list[list[dict]]:

@@ -37,10 +37,10 @@ def measure(engine_name: str, repeats: int, max_tokens: int, n: int, prompts: in
     """In this process: build ``engine_name`` on SmolLM2, time ``repeats`` rollout steps and syncs."""
     from safetensors.torch import load_file
 
-    from gad_megatron.discriminator import TextEncoder
     from gad_megatron.models.sources import load_tokenizer, resolve_model_path
     from gad_megatron.rollout.step import RolloutSettings, rollout_step
     from gad_megatron.style import load_quickstart_prompts
+    from gad_megatron.text_encoding import TextEncoder
 
     model = resolve_model_path("smollm2-135m-instruct")
     tokenizer = load_tokenizer(model)

@@ -1,6 +1,7 @@
 """``gad collect``: ask the teacher once per prompt and write the data back with its answers.
 
-Output ``<run_dir>/teacher.jsonl`` (written atomically): every input row, plus
+Output ``<run_dir>/teacher.jsonl`` (written atomically; training reads it through
+:func:`gad_megatron.data.load_collected`): every input row, plus
 ``teacher_response`` (``null`` for a failed row) and ``teacher_meta``
 ``{finish_reason, prompt_tokens, completion_tokens, latency_s, attempts, flags, error, cached}``.
 Answers are cached in ``<run_dir>/teacher_cache.sqlite``: an interrupted run resumes, a repeated
@@ -15,12 +16,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gad_megatron.config import ConfigError, RunConfig, TeacherConfig, save_resolved_config
-from gad_megatron.data import DataError, filter_long_prompts, format_ids, load_records, read_jsonl, write_jsonl
-from gad_megatron.teacher import Completion, RequestStats, RetryPolicy, response_flags, run_requests_with_stats
+from gad_megatron.data import COLLECTED_NAME, DataError, filter_long_prompts, format_ids, load_records, write_jsonl
+from gad_megatron.teacher.bulk import run_requests_with_stats
+from gad_megatron.teacher.results import Completion, RequestStats
+from gad_megatron.teacher.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-OUTPUT_NAME = "teacher.jsonl"
 CACHE_NAME = "teacher_cache.sqlite"
 
 
@@ -97,7 +99,7 @@ def run_collect(cfg: RunConfig, *, policy: RetryPolicy | None = None, progress: 
     run_dir = Path(cfg.run_dir)
     save_resolved_config(cfg, run_dir)
     rows, stats = collect(records, teacher, run_dir / CACHE_NAME, policy=policy, progress=progress)
-    out = write_jsonl(run_dir / OUTPUT_NAME, rows)
+    out = write_jsonl(run_dir / COLLECTED_NAME, rows)
     print(stats.summary(teacher))
     if too_long:
         print(f"teacher: skipped {len(too_long)} prompt(s) longer than data.max_prompt_length="
@@ -107,61 +109,3 @@ def run_collect(cfg: RunConfig, *, policy: RetryPolicy | None = None, progress: 
         print(f"teacher: {stats.failed} row(s) failed (teacher_response null, teacher_meta.error set); "
               "rerun `gad collect` to ask again for those only")
     return 1 if stats.ok == 0 else 0
-
-
-# Why a row is left out of training: ``failed`` or the first of its answer's flags.
-LEFT_OUT = {
-    "failed": "without a teacher response",
-    "empty": "with an empty teacher_response",
-    "truncated": "with a truncated teacher_response (finish_reason length)",
-    "content_filter": "with a refused teacher_response (content filter)",
-}
-
-
-def answer_flags(row: dict[str, Any]) -> list[str]:
-    """Quality flags of a row's answer, as ``gad collect`` stored them or, for text supplied with the data, as
-    :func:`response_flags` finds them (only ``empty`` then: there is no finish reason)."""
-    meta = row.get("teacher_meta")
-    if isinstance(meta, dict):
-        return list(meta.get("flags") or [])
-    return response_flags([row["teacher_response"]], [None])
-
-
-def usable_rows(rows: Sequence[dict[str, Any]], keep_flagged: bool) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
-    """Rows fit for training, and the ids of those left out by reason (a key of :data:`LEFT_OUT`)."""
-    kept: list[dict[str, Any]] = []
-    left_out: dict[str, list[str]] = {}
-    for row in rows:
-        if row.get("teacher_response") is None:
-            reason = "failed"
-        else:
-            flags = [] if keep_flagged else answer_flags(row)
-            reason = flags[0] if flags else None
-        if reason is None:
-            kept.append(row)
-        else:
-            left_out.setdefault(reason, []).append(str(row["id"]))
-    return kept, left_out
-
-
-def load_collected(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Training rows: ``<run_dir>/teacher.jsonl`` if collected, else the data's own teacher responses.
-
-    Rows without a response are left out; so are flagged rows (empty, whether collected or supplied;
-    truncated; content-filtered) unless ``teacher.keep_flagged``. Counts and ids left out are logged.
-    """
-    path = Path(cfg.run_dir) / OUTPUT_NAME
-    if path.is_file():
-        rows, source = read_jsonl(path), str(path)
-    else:
-        rows, source = load_records(cfg.data), cfg.data.path
-    keep_flagged = cfg.teacher.keep_flagged if cfg.teacher is not None else False
-    kept, left_out = usable_rows(rows, keep_flagged)
-    for reason, ids in left_out.items():
-        hint = "" if reason == "failed" else "; set teacher.keep_flagged: true to keep them"
-        log.warning("%s: left out %d of %d rows %s (ids: %s)%s",
-                    source, len(ids), len(rows), LEFT_OUT.get(reason, f"flagged '{reason}'"), format_ids(ids), hint)
-    if not kept:
-        hint = "run `gad collect` first" if not path.is_file() else "see teacher_meta.error / flags in the file"
-        raise ConfigError(f"{source}: no rows with a usable teacher response ({hint})")
-    return kept

@@ -2,6 +2,8 @@
 
 Every row becomes ``{"id": str, "prompt": [{"role", "content"}, ...], "teacher_response": str | None,
 **other columns}``. A problem names the file and line (or record) and raises :class:`DataError`.
+Training rows come from :func:`load_collected`: ``gad collect``'s output when there is one, else
+the data's own teacher responses, without the rows whose answer is missing or flagged.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
-from gad_megatron.config import ConfigError, DataConfig
+from gad_megatron.config import ConfigError, DataConfig, RunConfig
+from gad_megatron.teacher.results import response_flags
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
+COLLECTED_NAME = "teacher.jsonl"  # in the run dir: written by ``gad collect``, read by load_collected
 Messages = list[dict[str, str]]
 
 
@@ -208,3 +212,61 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file this project wrote (no schema checks)."""
     with Path(path).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+# Why a row is left out of training: ``failed`` or the first of its answer's flags.
+LEFT_OUT = {
+    "failed": "without a teacher response",
+    "empty": "with an empty teacher_response",
+    "truncated": "with a truncated teacher_response (finish_reason length)",
+    "content_filter": "with a refused teacher_response (content filter)",
+}
+
+
+def answer_flags(row: dict[str, Any]) -> list[str]:
+    """Quality flags of a row's answer, as ``gad collect`` stored them or, for text supplied with the data, as
+    :func:`response_flags` finds them (only ``empty`` then: there is no finish reason)."""
+    meta = row.get("teacher_meta")
+    if isinstance(meta, dict):
+        return list(meta.get("flags") or [])
+    return response_flags([row["teacher_response"]], [None])
+
+
+def usable_rows(rows: Sequence[dict[str, Any]], keep_flagged: bool) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """Rows fit for training, and the ids of those left out by reason (a key of :data:`LEFT_OUT`)."""
+    kept: list[dict[str, Any]] = []
+    left_out: dict[str, list[str]] = {}
+    for row in rows:
+        if row.get("teacher_response") is None:
+            reason = "failed"
+        else:
+            flags = [] if keep_flagged else answer_flags(row)
+            reason = flags[0] if flags else None
+        if reason is None:
+            kept.append(row)
+        else:
+            left_out.setdefault(reason, []).append(str(row["id"]))
+    return kept, left_out
+
+
+def load_collected(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Training rows: ``<run_dir>/teacher.jsonl`` if collected, else the data's own teacher responses.
+
+    Rows without a response are left out; so are flagged rows (empty, whether collected or supplied;
+    truncated; content-filtered) unless ``teacher.keep_flagged``. Counts and ids left out are logged.
+    """
+    path = Path(cfg.run_dir) / COLLECTED_NAME
+    if path.is_file():
+        rows, source = read_jsonl(path), str(path)
+    else:
+        rows, source = load_records(cfg.data), cfg.data.path
+    keep_flagged = cfg.teacher.keep_flagged if cfg.teacher is not None else False
+    kept, left_out = usable_rows(rows, keep_flagged)
+    for reason, ids in left_out.items():
+        hint = "" if reason == "failed" else "; set teacher.keep_flagged: true to keep them"
+        log.warning("%s: left out %d of %d rows %s (ids: %s)%s",
+                    source, len(ids), len(rows), LEFT_OUT.get(reason, f"flagged '{reason}'"), format_ids(ids), hint)
+    if not kept:
+        hint = "run `gad collect` first" if not path.is_file() else "see teacher_meta.error / flags in the file"
+        raise ConfigError(f"{source}: no rows with a usable teacher response ({hint})")
+    return kept

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gad_megatron.collect import CACHE_NAME, collect, usable_rows
+from gad_megatron.collect import CACHE_NAME, collect
 from gad_megatron.config import DEFAULT_STUDENT, RunConfig, TeacherConfig, parse_config, save_resolved_config
-from gad_megatron.data import write_jsonl
+from gad_megatron.data import usable_rows, write_jsonl
 from gad_megatron.style import load_quickstart_prompts, load_teacher_style, style_rate, style_rate_complete
 
 log = logging.getLogger(__name__)

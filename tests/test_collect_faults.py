@@ -20,7 +20,7 @@ from gad_megatron.collect import collect, run_collect
 from gad_megatron.config import TeacherConfig, parse_config
 from gad_megatron.data import read_jsonl
 from gad_megatron.llama_server import LlamaServer
-from gad_megatron.teacher import RetryPolicy
+from gad_megatron.teacher.retry import RetryPolicy
 from tests.fault_proxy import FAULTS, FaultProxy, RotatingPlan
 
 pytestmark = pytest.mark.server

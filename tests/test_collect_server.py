@@ -13,11 +13,11 @@ import pytest
 import yaml
 
 from gad_megatron import cli
-from gad_megatron.collect import collect, load_collected, run_collect
+from gad_megatron.collect import collect, run_collect
 from gad_megatron.config import ConfigError, Message, TeacherConfig, load_config, parse_config
-from gad_megatron.data import read_jsonl
+from gad_megatron.data import load_collected, read_jsonl
 from gad_megatron.llama_server import LlamaServer, LlamaServerError
-from gad_megatron.teacher import run_requests
+from gad_megatron.teacher.bulk import run_requests_with_stats
 from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.server
@@ -65,8 +65,9 @@ def test_server_answers_and_is_stopped_on_leaving_the_block(block_raises, tmp_pa
         with srv:
             proc, port = srv._proc, srv.port
             assert srv.base_url == f"http://127.0.0.1:{port}/v1" and proc.poll() is None
-            answer = run_requests(teacher(srv, max_tokens=4), [("hi", [{"role": "user", "content": "Hi"}])],
-                                  tmp_path / "cache.sqlite", progress=False)["hi"]
+            answers, _ = run_requests_with_stats(teacher(srv, max_tokens=4), [("hi", [{"role": "user", "content": "Hi"}])],
+                                                 tmp_path / "cache.sqlite", progress=False)
+            answer = answers["hi"]
             assert answer.ok and answer.text.strip() and answer.completion_tokens > 0
             if block_raises:
                 raise KeyboardInterrupt

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gad_megatron.collect import load_collected, run_collect, usable_rows
+from gad_megatron.collect import run_collect
 from gad_megatron.config import DataConfig, parse_config
-from gad_megatron.data import DataError, load_records, read_jsonl
+from gad_megatron.data import DataError, load_collected, load_records, read_jsonl, usable_rows
 from tests.fault_proxy import FaultProxy
 
 

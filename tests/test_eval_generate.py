@@ -142,6 +142,30 @@ def test_sweep_every_checkpoint(tmp_path, tiny_model_dir):
     assert (run / "generations" / "gad-final" / "vicuna80.jsonl").is_file()
 
 
+def test_models_with_one_base_name_get_their_own_tags(tmp_path, tiny_model_dir):
+    """``final`` names every stage of every run: a model outside the run dir keeps its run and stage in its
+    tag; a tag that still collides is refused, not overwritten; the same model again reuses its tag."""
+    cfg = _cfg(tmp_path, tiny_model_dir, limit=1)
+    run = Path(cfg.run_dir)
+    seqkd, gad, twin = (tmp_path / d for d in ("other/seqkd/final", "other/gad/final", "copy/other/gad/final"))
+    for d in (seqkd, gad, twin):
+        shutil.copytree(tiny_model_dir, d)
+    (tmp_path / "other" / "gad" / "checkpoint-4").mkdir()
+    assert model_tag(str(seqkd), run) == "other-seqkd-final" and model_tag(str(gad), run) == "other-gad-final"
+    assert model_tag(str(tmp_path / "other" / "gad" / "checkpoint-4"), run) == "other-gad-step4"
+    assert run_generate(cfg, model=str(seqkd)) == 0 and run_generate(cfg, model=str(gad)) == 0
+    for tag, path in (("other-seqkd-final", seqkd), ("other-gad-final", gad)):
+        assert json.loads((run / "generations" / tag / "vicuna80.meta.json").read_text())["model"] == str(path)
+    out = run / "generations" / "other-gad-final" / "vicuna80.jsonl"
+    stamp = out.stat().st_mtime_ns
+    assert run_generate(cfg, model=str(gad)) == 0  # the same model again: its own tag, nothing regenerated
+    assert run_generate(cfg, sweep=str(tmp_path / "other")) == 0  # a sweep of that run tags its models alike
+    assert out.stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="model tag 'other-gad-final' is taken"):
+        run_generate(cfg, model=str(twin))  # another run also named `other`: same tag, refused
+    assert out.stat().st_mtime_ns == stamp and read_jsonl(out)[0]["model"] == "other-gad-final"
+
+
 def test_cli_generate(tmp_path, tiny_model_dir):
     import yaml
 

@@ -11,8 +11,8 @@ import pytest
 from gad_megatron.config import TeacherConfig, parse_config
 from gad_megatron.data import read_jsonl, write_jsonl
 from gad_megatron.evaluation.judge import format_demo_messages, judge_pairs, judge_references, parse_ratings, rating_messages
-from gad_megatron.evaluation.metrics import rouge_l_f1
-from gad_megatron.teacher import Completion
+from gad_megatron.evaluation.text_metrics import rouge_l_f1
+from gad_megatron.teacher.results import Completion
 from tests.helpers.shared_data import shared_data_dir
 
 VICUNA = shared_data_dir() / "vicuna80.jsonl"

@@ -24,7 +24,7 @@ from gad_megatron.config import parse_config
 from gad_megatron.data import read_jsonl, write_jsonl
 from gad_megatron.evaluation.evaluate import evaluate_run
 from gad_megatron.evaluation.generate import run_generate
-from gad_megatron.evaluation.metrics import rouge_l_f1
+from gad_megatron.evaluation.text_metrics import rouge_l_f1
 from gad_megatron.evaluation.report import plot_training_curves, write_report
 from tests.helpers.requires import require
 from tests.helpers.shared_data import shared_data_dir

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gad_megatron.discriminator import score_sequences
+from gad_megatron.evaluation.hf_discriminator import score_sequences
 from gad_megatron.models.discriminator import align_left, load_discriminator, new_head_weight, scores
 from gad_megatron.models.policy import build_policy, full_logits
 from tests.helpers.megatron_parity import padded_batch

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from gad_megatron.parallel import cpu
+from gad_megatron.parallel.cuda_stand_ins import CpuRNGStatesTracker, CudaView, TorchView
 from gad_megatron.parallel.mcore_fixes import TARGET, TARGET_SHA256
 from tests.helpers.torchrun import run_torchrun
 
@@ -99,7 +100,7 @@ def test_every_cuda_attribute_used_on_the_path_is_answered_or_harmless() -> None
     recorded = json.loads(CUDA_USES.read_text())
     used = {entry.split(" ")[0].split(":", 1)[1] for uses in recorded.values() for entry in uses
             if entry.startswith("attr:")}  # fmt: skip
-    answered = {name for name in vars(cpu._CudaView) if not name.startswith("_")}
+    answered = {name for name in vars(CudaView) if not name.startswith("_")}
     # Attributes that only name types or are read where CUDA is checked first.
     harmless = {"FloatTensor", "HalfTensor", "BFloat", "is_available", "nvtx", "amp", "CUDAGraph",
                 "MemPool", "OutOfMemoryError", "graph", "graphs", "random", "default_generators",
@@ -171,7 +172,7 @@ def test_transformers_in_the_same_process_computes_the_same(tiny_model_dir: Path
 
 
 def test_cpu_rng_tracker_forks_and_restores() -> None:
-    tracker = cpu.CpuRNGStatesTracker()
+    tracker = CpuRNGStatesTracker()
     tracker.add("model-parallel-rng", 7)
     torch.manual_seed(0)
     outside = torch.rand(3)
@@ -191,7 +192,7 @@ def test_cpu_rng_tracker_forks_and_restores() -> None:
 
 
 def test_factories_move_only_cuda_requests_to_the_cpu() -> None:
-    view = cpu._TorchView()
+    view = TorchView()
     assert view.zeros(2, device="cuda").device.type == "cpu"
     assert view.empty_like(torch.ones(2), device=torch.device("cuda", 0)).device.type == "cpu"
     assert view.arange(3).tolist() == [0, 1, 2]

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gad_megatron.discriminator import TextEncoder
 from gad_megatron.rollout.engine import Completion
 from gad_megatron.rollout.hf_engine import TransformersEngine
 from gad_megatron.rollout.step import RolloutSettings, rollout_metrics, rollout_seed, rollout_step, to_rollout
+from gad_megatron.text_encoding import TextEncoder
 from tests.helpers.tiny_hf import FAMILIES
 from tests.helpers.torchrun import run_torchrun
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from gad_megatron.config import ConfigError
-from gad_megatron.discriminator import TextEncoder
 from gad_megatron.rollout.replicas import Replicas, check_rollout_layout
 from gad_megatron.rollout.step import special_token_ids, stop_token_ids
+from gad_megatron.text_encoding import TextEncoder
 from tests.helpers.torchrun import ROOT, run_torchrun
 
 

@@ -20,18 +20,10 @@ import pytest
 from gad_megatron import collect as collect_module
 from gad_megatron.cache import ResponseCache, cache_key
 from gad_megatron.config import ConfigError, Message, TeacherConfig
-from gad_megatron.teacher import (
-    ChatClient,
-    Completion,
-    RequestStats,
-    RetryPolicy,
-    backoff_delay,
-    parse_retry_after,
-    resolve_api_key,
-    response_flags,
-    run_requests_with_stats,
-    status_action,
-)
+from gad_megatron.teacher.bulk import run_requests_with_stats
+from gad_megatron.teacher.client import ChatClient, resolve_api_key
+from gad_megatron.teacher.results import Completion, RequestStats, response_flags
+from gad_megatron.teacher.retry import RetryPolicy, backoff_delay, parse_retry_after, status_action
 
 try:  # the openai package moved to httpx2; older releases use httpx
     import httpx2 as httpx
@@ -425,16 +417,15 @@ def test_collect_gives_every_row_its_own_answer_fresh_and_cached(tmp_path, monke
 
 
 def test_run_requests_works_inside_a_running_loop(tmp_path):
-    from gad_megatron.teacher import run_requests
-
     cfg = TeacherConfig(base_url="http://127.0.0.1:9/v1", model="m", api_key_env=None)
     script = Script()
 
     async def inside():
-        return run_requests(cfg, [("a", [{"role": "user", "content": "x"}])], tmp_path / "c.sqlite",
-                            http_client=httpx.AsyncClient(transport=httpx.MockTransport(script)), progress=False)
+        return run_requests_with_stats(cfg, [("a", [{"role": "user", "content": "x"}])], tmp_path / "c.sqlite",
+                                       http_client=httpx.AsyncClient(transport=httpx.MockTransport(script)),
+                                       progress=False)
 
-    assert asyncio.run(inside())["a"].text == answer_to([{"content": "x"}])
+    assert asyncio.run(inside())[0]["a"].text == answer_to([{"content": "x"}])
 
 
 def test_summary_reports_cost():

@@ -113,7 +113,7 @@ def export_model(checkpoint: Path, name: str | None, out: Path, tp: int, pp: int
     from gad_megatron.models.discriminator import build_discriminator
     from gad_megatron.models.policy import build_gpt
     from gad_megatron.parallel.launch import init_distributed
-    from gad_megatron.rollout.reshard import export_hf
+    from gad_megatron.rollout.hf_export import export_hf
 
     if not checkpoint.is_dir():
         raise UsageError(f"checkpoint not found: {checkpoint}")

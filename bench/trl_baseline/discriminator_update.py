@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from gad_megatron.data import Messages
-from gad_megatron.discriminator import TextEncoder, right_pad, score_sequences
+from gad_megatron.evaluation.hf_discriminator import score_sequences
+from gad_megatron.text_encoding import TextEncoder, right_pad
 from trl_baseline.losses import bradley_terry_loss, cross_entropy_gan_loss, pair_accuracy
 
 

@@ -44,8 +44,9 @@ from transformers import get_constant_schedule, set_seed
 from trl import GRPOConfig, GRPOTrainer
 
 from gad_megatron.config import RunConfig, save_resolved_config
-from gad_megatron.discriminator import TextEncoder, load_discriminator, save_discriminator
+from gad_megatron.evaluation.hf_discriminator import load_hf_discriminator
 from gad_megatron.models.sources import load_tokenizer, resolve_model_path
+from gad_megatron.text_encoding import TextEncoder
 from gad_megatron.trainer.setup import stage_models
 from trl_baseline.common import (
     D_OPTIMIZER_FILE,
@@ -134,7 +135,8 @@ class GADTrainer(CompleteCheckpointMixin, GRPOTrainer):
     def save_extra_state(self, checkpoint_dir: Path, with_optimizer: bool = True) -> None:
         if not self.args.should_save:
             return
-        save_discriminator(self.discriminator.model, self.discriminator.tokenizer, checkpoint_dir / DISCRIMINATOR_DIR)
+        self.discriminator.model.save_pretrained(checkpoint_dir / DISCRIMINATOR_DIR, safe_serialization=True)
+        self.discriminator.tokenizer.save_pretrained(checkpoint_dir / DISCRIMINATOR_DIR)
         if with_optimizer and self.discriminator.optimizer is not None:
             torch.save(
                 {"optimizer": self.discriminator.optimizer.state_dict(),
@@ -214,7 +216,7 @@ class WarmupTrainer(GADTrainer):
 
 def build_discriminator(cfg: RunConfig, trl: TrlSettings, spec: str, frozen: bool, device: torch.device) -> DiscriminatorUpdater:
     """Load D from ``spec`` (a causal LM or a saved D) with its tokenizer, optimizer and text encoder."""
-    model = load_discriminator(spec, cfg.trust_remote_code).to(device)
+    model = load_hf_discriminator(spec, cfg.trust_remote_code).to(device)
     tokenizer = load_tokenizer(spec, cfg.trust_remote_code)
     if trl.gradient_checkpointing:
         model.gradient_checkpointing_enable()

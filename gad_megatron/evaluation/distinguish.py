@@ -143,8 +143,9 @@ def discriminator_distinguishability(
     Trained with binary cross-entropy (teacher = 1) on the text path the GAD discriminator uses, so
     it sees exactly what D sees in training. Much slower than the n-gram classifier (a full LM per fold).
     """
-    from gad_megatron.discriminator import TextEncoder, load_discriminator, right_pad, score_sequences
+    from gad_megatron.evaluation.hf_discriminator import load_hf_discriminator, score_sequences
     from gad_megatron.models.sources import load_tokenizer
+    from gad_megatron.text_encoding import TextEncoder, right_pad
 
     if not len(prompts) == len(teacher) == len(candidate):
         raise ValueError("prompts, teacher and candidate must be aligned")
@@ -158,7 +159,7 @@ def discriminator_distinguishability(
 
     def fit_predict(train: list[int], test: list[int]) -> list[float]:
         torch.manual_seed(seed)
-        model = load_discriminator(model_spec).to(device)  # fresh for every fold: no leak between halves
+        model = load_hf_discriminator(model_spec).to(device)  # fresh for every fold: no leak between halves
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
         labels = _labels(train, n)
         rng = random.Random(seed)

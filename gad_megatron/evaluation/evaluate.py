@@ -26,8 +26,8 @@ from gad_megatron.config import ConfigError, RunConfig
 from gad_megatron.data import read_jsonl, write_atomic, write_jsonl
 from gad_megatron.evaluation.generate import generations_path, tag_order
 from gad_megatron.evaluation.length_control import length_controlled_score
-from gad_megatron.evaluation.metrics import length_stats, mean, ngram_f1_all, rouge_l_f1
 from gad_megatron.evaluation.suites import Suite, load_suite
+from gad_megatron.evaluation.text_metrics import length_stats, mean, ngram_f1_all, rouge_l_f1
 
 log = logging.getLogger(__name__)
 

@@ -6,6 +6,8 @@ end-of-turn excluded), ``finish_reason`` (``stop`` | ``length``), ``model`` (the
 
 Files: ``<run_dir>/generations/<model_tag>/<suite>.jsonl`` plus ``<suite>.meta.json``; a file whose
 meta matches the request is reused, so a rerun (or a checkpoint sweep) only does what is missing.
+The meta names the model: a tag that already holds another model's generations is refused, never
+overwritten (see :func:`model_tag` for how tags stay unique).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "find_checkpoints",
     "final_model",
     "model_tag",
+    "check_tag_free",
     "tag_order",
     "generations_path",
     "run_generate",
@@ -38,6 +41,7 @@ __all__ = [
 
 STAGES = ("seqkd", "warmup", "gad")  # training order; the last one present is "the" final model
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+_STAGE_TAG = re.compile(rf"^(?:(.+)-)?({'|'.join(STAGES)})-(final|step(\d+))$")
 
 
 def _render_prompts(tokenizer: Any, prompts: Sequence[list[dict[str, str]]]) -> list[str]:
@@ -197,11 +201,11 @@ def find_checkpoints(run_dir: str | Path) -> list[tuple[str, Path]]:
         candidates = sorted(ckpts) + ([(None, final)] if _is_model_dir(final) else [])
         # Where the trainer marks finished checkpoints, an unmarked one is still being written: skip it.
         marked = any((p / "COMPLETE").is_file() for _, p in candidates)
-        for step, path in candidates:
+        for _, path in candidates:
             if marked and not (path / "COMPLETE").is_file():
                 log.info("skipping %s: no COMPLETE marker (being written?)", path)
                 continue
-            found.append((f"{stage}-final" if step is None else f"{stage}-step{step}", path))
+            found.append((model_tag(str(path), run_dir), path))
     return found
 
 
@@ -214,29 +218,70 @@ def final_model(run_dir: str | Path) -> Path | None:
     return None
 
 
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def _path_tag(parts: Sequence[str]) -> str:
+    """Path parts joined by ``-``, a last ``checkpoint-N`` shortened to ``stepN`` (``gad-step50``)."""
+    parts = list(parts)
+    if m := _CKPT.match(parts[-1]):
+        parts[-1] = f"step{m.group(1)}"
+    return _safe_name("-".join(parts))
+
+
 def model_tag(spec: str, run_dir: str | Path | None = None) -> str:
-    """A short filesystem-safe name for a model: ``gad-final``, ``gad-step50``, or the alias / dir name."""
+    """A short filesystem-safe name for a model, unique per model wherever a path allows.
+
+    Inside ``run_dir``: the path from it (``gad-final``, ``gad-step50``). A trainer output elsewhere
+    (``final/``, ``checkpoint-N/``) keeps its run and stage (``runA-gad-final``), since ``final``
+    alone names every stage of every run. Any other directory, an alias or a hub id: its last name
+    (``Qwen2.5-7B-Instruct``). Two models that still get one tag are told apart by
+    :func:`check_tag_free`.
+    """
     path = Path(spec).expanduser()
-    if run_dir is not None and path.exists():
-        try:
-            rel = path.resolve().relative_to(Path(run_dir).resolve())
-            parts = list(rel.parts)
-            if parts and (m := _CKPT.match(parts[-1])):
-                parts[-1] = f"step{m.group(1)}"
+    if path.exists():
+        resolved = path.resolve()
+        if run_dir is not None and resolved.is_relative_to(Path(run_dir).resolve()):
+            parts = resolved.relative_to(Path(run_dir).resolve()).parts
             if parts:
-                return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))
-        except ValueError:
-            pass
+                return _path_tag(parts)
+        if resolved.name == "final" or _CKPT.match(resolved.name):
+            return _path_tag(resolved.parts[-3:])
     name = path.name if path.exists() else spec.rstrip("/").split("/")[-1]
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name.removesuffix(".gguf")) or "model"
+    return _safe_name(name.removesuffix(".gguf")) or "model"
 
 
-def tag_order(tag: str) -> tuple[int, int, str]:
-    """Sort key putting tags in training order: other models, then each stage's steps, then its final."""
-    stage, _, rest = tag.partition("-")
-    if stage in STAGES and (rest == "final" or re.fullmatch(r"step\d+", rest)):
-        return (1 + STAGES.index(stage), int(rest[4:]) if rest.startswith("step") else 1 << 62, tag)
-    return (0, 0, tag)
+def tag_order(tag: str) -> tuple[str, int, int, str]:
+    """Sort key putting tags in training order: other models, then each stage's steps, then its final
+    (this run's own tags first, then each other run's)."""
+    m = _STAGE_TAG.match(tag)
+    if m is None:
+        return ("", 0, 0, tag)
+    run, stage, _, step = m.groups()
+    return (run or "", 1 + STAGES.index(stage), int(step) if step else 1 << 62, tag)
+
+
+def _model_id(spec: str) -> str:
+    """What the generations record as their model: the resolved path of a local model, else the spec."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def check_tag_free(run_dir: str | Path, tag: str, spec: str) -> None:
+    """Refuse ``tag`` when its folder already holds generations of another model (its meta files say)."""
+    mine = _model_id(spec)
+    for meta_path in sorted((Path(run_dir) / "generations" / tag).glob("*.meta.json")):
+        try:
+            other = json.loads(meta_path.read_text(encoding="utf-8")).get("model")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if other is not None and other != mine:
+            raise ConfigError(
+                f"model tag '{tag}' is taken: {meta_path.parent} holds generations of {other}, and {mine} "
+                "would overwrite them; move that folder away, or generate from a directory whose path "
+                "gives another tag (a symlink with another name will do)"
+            )
 
 
 def generations_path(run_dir: str | Path, tag: str, suite: str) -> Path:
@@ -245,7 +290,7 @@ def generations_path(run_dir: str | Path, tag: str, suite: str) -> Path:
 
 def _meta(spec: str, suite: Suite, cfg: RunConfig) -> dict[str, Any]:
     g = cfg.generate
-    return {"model": str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().exists() else spec,
+    return {"model": _model_id(spec),
             "suite": suite.source, "ids": [r["id"] for r in suite.records], "max_new_tokens": g.max_new_tokens,
             "temperature": g.temperature, "seed": cfg.seed}
 
@@ -280,7 +325,8 @@ def run_generate(cfg: RunConfig, model: str | None = None, sweep: str | None = N
         raise ConfigError("generate.prompt_sets is empty: list prompt files or suite names (lmsys, dolly, selfinst, vicuna)")
     suites = [load_suite(s, limit=g.limit) for s in g.prompt_sets]
     if sweep:
-        targets = [(tag, str(p)) for tag, p in find_checkpoints(sweep)]
+        # Tagged as seen from this run's dir: another run's checkpoints keep their run's name.
+        targets = [(model_tag(str(p), cfg.run_dir), str(p)) for _, p in find_checkpoints(sweep)]
         if not targets:
             raise ConfigError(f"--sweep {sweep}: no checkpoint-N/ or final/ model directories found")
     else:
@@ -291,6 +337,8 @@ def run_generate(cfg: RunConfig, model: str | None = None, sweep: str | None = N
                 raise ConfigError(f"{cfg.run_dir}: no trained model (stage/final/) found; pass --model")
             spec = str(final)
         targets = [(model_tag(spec, cfg.run_dir), spec)]
+    for tag, spec in targets:  # all refused before any is generated
+        check_tag_free(cfg.run_dir, tag, spec)
 
     for tag, spec in targets:
         todo = []

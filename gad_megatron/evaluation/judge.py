@@ -11,8 +11,8 @@ A rating that cannot be parsed is asked again (sampled, temperature 0.7, new see
 ``retries`` times; if it still fails, that order is dropped and counted, never guessed. A prompt
 with no parsed order is left out of the score and counted as unscored.
 
-Every request goes through :func:`gad_megatron.teacher.run_requests`, whose SQLite cache is keyed on the
-full request: a rerun asks nothing that was answered before. The judge config's own
+Every request goes through :func:`gad_megatron.teacher.bulk.run_requests_with_stats`, whose SQLite cache is
+keyed on the full request: a rerun asks nothing that was answered before. The judge config's own
 ``system_prompt`` / ``context_messages`` go with every judge request, references included: leave
 them empty for a strong judge; :func:`format_demo_messages` is a format demonstration for a small one.
 """
@@ -150,7 +150,7 @@ class JudgeRun:
 
 
 class JudgeClient:
-    """The judge endpoint through ``gad_megatron.teacher.run_requests``, counting HTTP requests really sent."""
+    """The judge endpoint through ``gad_megatron.teacher.bulk.run_requests_with_stats``, counting HTTP requests really sent."""
 
     def __init__(self, cfg: TeacherConfig, cache_path: str | Path, progress: bool | None = None) -> None:
         self.cfg = cfg
@@ -159,7 +159,7 @@ class JudgeClient:
         self.requests = 0  # HTTP requests sent, retries included; cache hits are not requests
 
     def __call__(self, requests: list[tuple[str, Messages]], desc: str, sampling: dict[str, Any]) -> dict[str, Any]:
-        from gad_megatron.teacher import run_requests_with_stats
+        from gad_megatron.teacher.bulk import run_requests_with_stats
 
         if not requests:
             return {}

@@ -100,13 +100,29 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
             "generations": generations, "lengths": lengths}
 
 
-def plot_training_curves(metrics: dict[str, list[dict[str, Any]]], out_png: str | Path, title: str = "") -> Path | None:
-    """One panel per logged quantity; stages (seqkd, warmup, gad) laid end to end. None if nothing to plot."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend: files only, no display needed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig: Any, out_png: str | Path, suptitle: str = "") -> Path:
+    """Lay out ``fig``, write it at 90 dpi and close it."""
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    _pyplot().close(fig)
+    return Path(out_png)
+
+
+def plot_training_curves(metrics: dict[str, list[dict[str, Any]]], out_png: str | Path, title: str = "") -> Path | None:
+    """One panel per logged quantity; stages (seqkd, warmup, gad) laid end to end. None if nothing to plot."""
+    plt = _pyplot()
     panels = [(keys, name) for keys, name in CURVE_KEYS
               if any(_num(r.get(k)) is not None for rows in metrics.values() for r in rows for k in keys)]
     if not panels:
@@ -136,21 +152,12 @@ def plot_training_curves(metrics: dict[str, list[dict[str, Any]]], out_png: str 
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png, title)
 
 
 def plot_length_histograms(lengths_by_model: dict[str, list[int]], out_png: str | Path, title: str = "") -> Path | None:
     """Overlaid step histograms of response lengths, one line per model. None if no lengths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     data = {k: v for k, v in lengths_by_model.items() if v}
     if not data:
         return None
@@ -164,10 +171,7 @@ def plot_length_histograms(lengths_by_model: dict[str, list[int]], out_png: str 
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png)
 
 
 _SWEEP_KEYS = [("style_rate_complete", "teacher style, complete answers"), ("style_rate", "share in teacher style"),
@@ -186,11 +190,7 @@ def plot_sweep(results: dict[str, Any], out_png: str | Path, title: str = "") ->
 
     None when fewer than two models were evaluated.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     tags = sorted((t for t in results["models"] if t != "teacher"), key=tag_order)
     if len(tags) < 2:
         return None
@@ -213,12 +213,7 @@ def plot_sweep(results: dict[str, Any], out_png: str | Path, title: str = "") ->
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=90)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png, title)
 
 
 def _cell(metrics: dict[str, Any], key: str) -> str:

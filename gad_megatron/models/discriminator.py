@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from gad_megatron.discriminator import last_real_index
 from gad_megatron.models.convert import HFWeights
 from gad_megatron.models.policy import (
     MegatronLM,
@@ -35,6 +34,7 @@ from gad_megatron.models.policy import (
     load_hf_weights,
     model_device,
 )
+from gad_megatron.text_encoding import last_real_index
 
 
 class ScalarHead(nn.Module):

@@ -8,20 +8,21 @@ maths needs a GPU, so with gloo it trains fine on CPU once those calls are answe
 How the bridge stays narrow:
 
 * **Only megatron's modules see it.** Each ``megatron.core.*`` module's global ``torch`` is
-  replaced by :class:`_TorchView`, a module object that forwards every attribute to the real
-  ``torch`` except ``torch.cuda`` (answered by :class:`_CudaView`) and the tensor factories,
-  whose ``device="cuda"`` becomes the CPU. The real ``torch`` and ``torch.cuda`` are never
-  modified, so transformers (or anything else) in the same process computes exactly what it
-  did (a process-wide patch of the factories once turned transformers' logits into NaN: it
-  poisoned ``torch.utils._device._device_constructors``' cache).
+  replaced by a :class:`~.cuda_stand_ins.TorchView`, a module object that forwards every
+  attribute to the real ``torch`` except ``torch.cuda`` (a :class:`~.cuda_stand_ins.CudaView`)
+  and the tensor factories, whose ``device="cuda"`` becomes the CPU. The real ``torch`` and
+  ``torch.cuda`` are never modified, so transformers (or anything else) in the same process
+  computes exactly what it did (a process-wide patch of the factories once turned
+  transformers' logits into NaN: it poisoned ``torch.utils._device._device_constructors``'
+  cache).
 * **A few functions are replaced by name** where the CUDA dependence is not a ``torch``
   lookup (a ``.cuda()`` call, a tensor-type string, a fused kernel). Each is listed in
   :data:`REPLACED` with a hash of the source it was written against;
   ``tests/test_parallel_cpu.py`` fails when megatron-core changes one of them.
-* **RNG**: the CUDA RNG tracker becomes :class:`CpuRNGStatesTracker`, which keeps named CPU
-  generator states with the same ``add`` / ``fork`` / ``get_states`` / ``set_states``
-  contract, so model-parallel seeding (``model_parallel_cuda_manual_seed``) and dropout forks
-  behave as on GPU; the "CUDA generator" activation recompute saves and restores
+* **RNG**: the CUDA RNG tracker becomes :class:`~.cuda_stand_ins.CpuRNGStatesTracker`, which
+  keeps named CPU generator states with the same ``add`` / ``fork`` / ``get_states`` /
+  ``set_states`` contract, so model-parallel seeding (``model_parallel_cuda_manual_seed``) and
+  dropout forks behave as on GPU; the "CUDA generator" activation recompute saves and restores
   (``tensor_parallel.random``'s ``_get/_set_cuda_rng_state``, see :data:`RNG_FUNCTIONS`) is the
   CPU generator.
 
@@ -47,176 +48,7 @@ from typing import Any
 
 import torch
 
-_CPU = torch.device("cpu")
-_FACTORIES = (
-    "arange", "empty", "empty_strided", "eye", "full", "linspace", "ones", "rand", "randint",
-    "randn", "randperm", "tensor", "zeros", "as_tensor", "empty_like", "zeros_like", "ones_like",
-    "full_like",
-)  # fmt: skip
-
-
-def _is_cuda_device(device: Any) -> bool:
-    if isinstance(device, int):
-        return True  # an ordinal from torch.cuda.current_device() semantics
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    return isinstance(device, torch.device) and device.type == "cuda"
-
-
-def _cpu_factory(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    @functools.wraps(fn)
-    def factory(*args: Any, **kwargs: Any) -> torch.Tensor:
-        if _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = _CPU
-        return fn(*args, **kwargs)
-
-    return factory
-
-
-class _NullStream:
-    """Stands in for a CUDA stream or event: CPU work is already ordered."""
-
-    def wait_stream(self, _other: Any) -> None: ...
-    def wait_event(self, _event: Any) -> None: ...
-    def record_event(self, _event: Any = None) -> _NullStream:
-        return self
-
-    def record(self, _stream: Any = None) -> None: ...
-    def synchronize(self) -> None: ...
-    def query(self) -> bool:
-        return True
-
-    def __enter__(self) -> _NullStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None: ...
-
-
-class _CudaView(types.ModuleType):
-    """``torch.cuda`` as megatron-core sees it on a CPU machine."""
-
-    def __init__(self) -> None:
-        super().__init__("torch.cuda")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch.cuda, name)
-
-    @staticmethod
-    def current_device() -> torch.device:
-        return _CPU
-
-    @staticmethod
-    def device_count() -> int:
-        return 0
-
-    @staticmethod
-    def synchronize(_device: Any = None) -> None: ...
-
-    @staticmethod
-    def current_stream(_device: Any = None) -> _NullStream:
-        return _NullStream()
-
-    default_stream = current_stream
-
-    @staticmethod
-    def Stream(*_args: Any, **_kwargs: Any) -> _NullStream:  # noqa: N802 (torch's name)
-        return _NullStream()
-
-    Event = Stream
-
-    @staticmethod
-    def stream(_stream: Any) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    @staticmethod
-    def get_rng_state(_device: Any = "cuda") -> torch.Tensor:
-        return torch.get_rng_state()
-
-    @staticmethod
-    def set_rng_state(state: torch.Tensor, _device: Any = "cuda") -> None:
-        torch.set_rng_state(state)
-
-    @staticmethod
-    def manual_seed(seed: int) -> None:
-        torch.manual_seed(seed)
-
-    @staticmethod
-    def memory_allocated(_device: Any = None) -> int:
-        return 0
-
-    max_memory_allocated = memory_allocated
-    memory_reserved = memory_allocated
-    max_memory_reserved = memory_allocated
-
-    @staticmethod
-    def nvtx_range_push(_msg: str) -> None: ...
-
-    @staticmethod
-    def nvtx_range_pop() -> None: ...
-
-
-class _TorchView(types.ModuleType):
-    """``torch`` as megatron-core sees it: the real module but for ``cuda`` and the factories."""
-
-    def __init__(self) -> None:
-        super().__init__("torch")
-        self.cuda = _CudaView()
-        for name in _FACTORIES:
-            setattr(self, name, _cpu_factory(getattr(torch, name)))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-
-class CpuRNGStatesTracker:
-    """Named CPU RNG states with the CUDA tracker's contract (``add``, ``fork``, states).
-
-    ``fork(name)`` swaps the process's CPU generator to the named state for the block and
-    back afterwards, so tensor-parallel ranks draw from their own streams for dropout and
-    weight init exactly as they would from CUDA generators.
-    """
-
-    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.states_: dict[str, torch.Tensor] = {}
-        self.seeds_: set[int] = set()
-        self._is_initialized = False
-
-    def is_initialized(self) -> bool:
-        return self._is_initialized
-
-    def get_states(self) -> dict[str, torch.Tensor]:
-        return dict(self.states_)
-
-    def set_states(self, states: dict[str, torch.Tensor]) -> None:
-        self._is_initialized = True
-        self.states_ = states
-
-    def add(self, name: str, seed: int) -> None:
-        if seed in self.seeds_:
-            raise ValueError(f"RNG seed {seed} already used by another tracked state")
-        if name in self.states_:
-            raise ValueError(f"RNG state {name!r} already exists")
-        self._is_initialized = True
-        self.seeds_.add(seed)
-        outer = torch.get_rng_state()
-        torch.manual_seed(seed)
-        self.states_[name] = torch.get_rng_state()
-        torch.set_rng_state(outer)
-
-    @contextlib.contextmanager
-    def fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
-        if name not in self.states_:
-            raise ValueError(f"RNG state {name!r} was never added")
-        outer = torch.get_rng_state()
-        torch.set_rng_state(self.states_[name])
-        try:
-            yield
-        finally:
-            self.states_[name] = torch.get_rng_state()
-            torch.set_rng_state(outer)
+from gad_megatron.parallel.cuda_stand_ins import CpuRNGStatesTracker, TorchView
 
 
 def _get_cpu_rng_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:
@@ -237,7 +69,7 @@ RNG_FUNCTIONS: dict[str, tuple[str, Callable[..., Any]]] = {
 
 _TENSOR_TYPE = torch.Tensor.type
 _GPU_VIEW_DEPTH = 0
-_TORCH_VIEW: _TorchView | None = None
+_TORCH_VIEW: TorchView | None = None
 _ORIGINALS: dict[tuple[str, str], Any] = {}
 
 
@@ -331,7 +163,7 @@ def bridged_modules() -> list[str]:
     """Names of the megatron-core modules that currently see the CPU view of ``torch``."""
     return sorted(
         name for name, mod in list(sys.modules.items())
-        if name.startswith("megatron.core") and isinstance(getattr(mod, "torch", None), _TorchView)
+        if name.startswith("megatron.core") and isinstance(getattr(mod, "torch", None), TorchView)
     )  # fmt: skip
 
 
@@ -393,7 +225,7 @@ def enable_cpu_support() -> bool:
     import megatron.core.tensor_parallel.random as mc_random
 
     if _TORCH_VIEW is None:
-        _TORCH_VIEW = _TorchView()
+        _TORCH_VIEW = TorchView()
         sys.meta_path.insert(0, _BridgeFinder())
     for name, mod in list(sys.modules.items()):
         if name.startswith("megatron.core"):

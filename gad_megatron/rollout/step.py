@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gad_megatron.data import Messages
-from gad_megatron.discriminator import TextEncoder
 from gad_megatron.rollout.engine import Completion, InferenceEngine, SamplingParams
+from gad_megatron.text_encoding import TextEncoder
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ import torch
 
 from gad_megatron import checkpoint, preemption
 from gad_megatron.config import ConfigError, RunConfig, save_resolved_config
-from gad_megatron.discriminator import TextEncoder
 from gad_megatron.rollout.replicas import Replicas
 from gad_megatron.rollout.step import RolloutSettings
+from gad_megatron.text_encoding import TextEncoder
 from gad_megatron.trainer.actor import TRAINING_OVERRIDES, build_actor
 from gad_megatron.trainer.hacking_guard import HackingGuard, RewardHackingError
 from gad_megatron.trainer.metrics import (
@@ -303,7 +303,7 @@ def _stop_if_hacked(guard: HackingGuard | None, step: int, ckpt_dir: Path, out_d
 def _export_hf(ctx: StepContext, out: Path, tokenizer: Any) -> Path:
     """G as an HF causal LM in ``out``, D as an HF sequence classifier in ``out/discriminator``,
     then the ``COMPLETE`` marker that ``gad generate --sweep`` and ``--resume`` look for."""
-    from gad_megatron.rollout.reshard import export_hf
+    from gad_megatron.rollout.hf_export import export_hf
 
     export_hf(ctx.g.lm, None, out, tokenizer)
     if ctx.d_lm is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gad_megatron.config import ConfigError, RunConfig
-from gad_megatron.data import filter_long_prompts
+from gad_megatron.data import filter_long_prompts, load_collected
 
 # Paper values: SeqKD lr 5e-6, G and D 1e-6; warmup 1 epoch, GAD 2 epochs. SeqKD gets 3 epochs,
 # the same number of passes over the teacher data as warmup + GAD (docs/decisions.md).
@@ -34,8 +34,6 @@ def stage_models(cfg: RunConfig, stage: str) -> tuple[str, str]:
 
 def training_records(cfg: RunConfig, tokenizer: Any) -> list[dict[str, Any]]:
     """Prompts with a usable teacher response (``gad collect``'s output, else ``data.path``), short enough."""
-    from gad_megatron.collect import load_collected
-
     rows, _ = filter_long_prompts(load_collected(cfg), tokenizer, cfg.data.max_prompt_length)
     return [{"id": r["id"], "prompt": r["prompt"], "teacher_response": r["teacher_response"]} for r in rows]
 

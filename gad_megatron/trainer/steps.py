@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from gad_megatron.discriminator import TextEncoder
 from gad_megatron.loss import DISC_LOSSES, group_advantages, pair_accuracy
 from gad_megatron.rollout.engine import InferenceEngine
 from gad_megatron.rollout.replicas import Replicas, generate_for_step
 from gad_megatron.rollout.reshard import sync_weights
 from gad_megatron.rollout.step import Rollout, RolloutSettings, rollout_metrics, rollout_step
+from gad_megatron.text_encoding import TextEncoder
 from gad_megatron.trainer import ops
 from gad_megatron.trainer.actor import Actor, sum_metrics
 from gad_megatron.trainer.batching import build_batch, build_score_batch, group_micro_batches, micro_batches

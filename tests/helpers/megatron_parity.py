@@ -19,7 +19,7 @@ import json
 import torch
 import torch.distributed as dist
 
-from gad_megatron.discriminator import score_sequences
+from gad_megatron.evaluation.hf_discriminator import score_sequences
 from gad_megatron.models.convert import EXTRA_STATE, megatron_to_hf
 from gad_megatron.models.discriminator import build_discriminator, scores
 from gad_megatron.models.policy import MegatronLM, build_gpt, build_policy, full_logits, load_hf_weights

@@ -63,8 +63,8 @@ class RecordingEngine:
 
 
 def run_step_generate() -> list[Any]:
-    from gad_megatron.discriminator import TextEncoder
     from gad_megatron.models.sources import load_tokenizer
+    from gad_megatron.text_encoding import TextEncoder
     from gad_megatron.trainer.steps import StepContext, generate
 
     engine = RecordingEngine()

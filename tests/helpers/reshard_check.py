@@ -31,7 +31,8 @@ from gad_megatron.models.policy import MegatronLM, broadcast_from_last_stage, bu
 from gad_megatron.parallel.launch import init_distributed
 from gad_megatron.rollout.engine import SamplingParams
 from gad_megatron.rollout.hf_engine import TransformersEngine
-from gad_megatron.rollout.reshard import export_hf, plan_buckets, stream_hf_weights, sync_weights
+from gad_megatron.rollout.hf_export import export_hf
+from gad_megatron.rollout.reshard import plan_buckets, stream_hf_weights, sync_weights
 from tests.helpers.tiny_hf import FAMILIES, tiny_model
 
 GREEDY_TOKENS = 6
@@ -141,8 +142,8 @@ def check_model(hf_model: Any, prompts: list[list[int]], out_dir: Path, tag: str
 
 def chat_prompts(hf_dir: str) -> list[list[int]]:
     """Questions rendered by the model's chat template, as the rollout step renders them."""
-    from gad_megatron.discriminator import TextEncoder
     from gad_megatron.models.sources import load_tokenizer
+    from gad_megatron.text_encoding import TextEncoder
 
     encoder = TextEncoder(load_tokenizer(hf_dir), max_prompt_length=128, max_response_length=GREEDY_TOKENS)
     questions = ["What is the capital of France?", "Name a colour.", "Say hello in French."]

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gad_megatron.discriminator import TextEncoder
 from gad_megatron.models.policy import MegatronLM, broadcast_from_last_stage, build_policy, full_logits
 from gad_megatron.models.sources import load_tokenizer
 from gad_megatron.parallel.launch import init_distributed
@@ -33,6 +32,7 @@ from gad_megatron.rollout.replicas import Replicas, generate_for_step
 from gad_megatron.rollout.reshard import sync_weights
 from gad_megatron.rollout.step import Rollout, RolloutSettings, rollout_step, stop_token_ids
 from gad_megatron.rollout.vllm_engine import VLLMEngine
+from gad_megatron.text_encoding import TextEncoder
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gad_megatron.discriminator import TextEncoder, last_real_index, load_discriminator, right_pad, score_sequences
+from gad_megatron.evaluation.hf_discriminator import load_hf_discriminator, score_sequences
+from gad_megatron.text_encoding import TextEncoder, last_real_index, right_pad
 
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 
@@ -15,7 +16,7 @@ PROMPT = [{"role": "user", "content": "Name a colour."}]
 @pytest.fixture(scope="module")
 def disc(tiny_model_dir: Path):
     torch.manual_seed(0)
-    return load_discriminator(str(tiny_model_dir))
+    return load_hf_discriminator(str(tiny_model_dir))
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gad_megatron.evaluation.metrics import lcs_length, length_stats, ngram_f1, ngram_f1_all, rouge_l_f1, tokenize
+from gad_megatron.evaluation.text_metrics import lcs_length, length_stats, ngram_f1, ngram_f1_all, rouge_l_f1, tokenize
 
 
 def test_tokenize_keeps_non_ascii_text():

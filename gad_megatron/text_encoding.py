@@ -1,23 +1,18 @@
-"""The discriminator D: a causal-LM backbone with a scalar head, scoring ``[prompt, response]``.
+"""The canonical text path into D: ``(prompt messages, response text)`` -> token ids, and padding.
 
-* Weights live in an ``AutoModelForSequenceClassification(num_labels=1)``, so a saved D loads
-  with transformers alone. Its built-in pooling finds the last token through ``pad_token_id``,
-  which is wrong when pad == eos (SmolLM2, Qwen...), so :func:`score_sequences` pools itself:
-  the head is applied at the last position whose attention mask is 1.
-* Teacher text and student rollouts reach D through one function, :meth:`TextEncoder.encode`:
-  same chat template, same whitespace strip, same truncation, same end-of-turn tokens. A
-  rollout is decoded to text by the trainer and re-encoded here exactly like teacher text, so
-  the score is a function of ``(prompt, response text)`` only.
+Teacher text and student rollouts reach D through one function, :meth:`TextEncoder.encode`:
+same chat template, same whitespace strip, same truncation, same end-of-turn tokens. A rollout
+is decoded to text by the trainer and re-encoded here exactly like teacher text, so D's score
+is a function of ``(prompt, response text)`` only. Used by the trainer, the rollout step and
+evaluation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from gad_megatron.data import Messages
 
@@ -78,38 +73,3 @@ def last_real_index(attention_mask_BT: torch.Tensor) -> torch.Tensor:
     """Index of the last position with mask 1 in each row (works for left or right padding). -> (B,)"""
     positions = torch.arange(attention_mask_BT.shape[1], device=attention_mask_BT.device)
     return (positions * attention_mask_BT).argmax(dim=1)
-
-
-def _head(model: nn.Module) -> nn.Module:
-    for name in ("score", "classifier"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            return getattr(model, name)
-    raise ValueError(f"{type(model).__name__} has no scalar head named 'score' or 'classifier'")
-
-
-def score_sequences(model: nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-    """Head output at the last real token of each sequence. -> (B,) float32."""
-    hidden_BTH = model.base_model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).last_hidden_state
-    rows = torch.arange(hidden_BTH.shape[0], device=hidden_BTH.device)
-    last_BH = hidden_BTH[rows, last_real_index(attention_mask_BT)]
-    return _head(model)(last_BH).squeeze(-1).float()
-
-
-def load_discriminator(spec: str, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A sequence scorer from any causal-LM checkpoint (new random head) or a saved discriminator."""
-    from transformers import AutoModelForSequenceClassification
-
-    from gad_megatron.models.sources import load_tokenizer, resolve_model_path
-
-    path = resolve_model_path(spec)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code
-    )
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = load_tokenizer(spec, trust_remote_code).pad_token_id
-    return model
-
-
-def save_discriminator(model: nn.Module, tokenizer: Any, directory: str | Path) -> None:
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
