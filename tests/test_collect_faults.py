@@ -42,8 +42,18 @@ def upstream(server: LlamaServer) -> str:
     return server.base_url.removesuffix("/v1")
 
 
+# Each prompt's first token differs from every other's (distinct first letters), so whatever the
+# server answered before, the prefix llama.cpp reuses from its KV cache ends at the same place (the
+# chat template's header) and a greedy answer comes out the same in any request order. Prompts
+# sharing a longer prefix ("... the number 7.", "... the number 12.") are evaluated from cached
+# prefixes of different lengths, and a greedy near-tie can then flip.
+TOPICS = ["Apples", "Bridges", "Clouds", "Dolphins", "Eagles", "Forests", "Glaciers", "Honey", "Islands", "Jupiter",
+          "Kangaroos", "Lightning", "Mountains", "Nitrogen", "Oceans", "Penguins", "Quartz", "Rainbows", "Saturn",
+          "Tigers", "Umbrellas", "Volcanoes", "Whales", "Zebras"]
+
+
 def prompts(n: int) -> list[dict]:
-    return [{"id": f"p{i:02d}", "prompt": f"Name one fact about the number {i}."} for i in range(n)]
+    return [{"id": f"p{i:02d}", "prompt": f"{TOPICS[i]}: what are they? One sentence."} for i in range(n)]
 
 
 def teacher_cfg(url: str, **kw) -> dict:
@@ -65,6 +75,7 @@ def ask_directly(server: LlamaServer, prompt: str) -> str:
 @pytest.fixture(scope="module")
 def fault_free(server) -> dict[str, str]:
     """Prompt id -> the server's answer at temperature 0, asked one at a time without faults."""
+    ask_directly(server, "Hello!")  # the template's header is in the KV cache from here on, as in the runs
     answers = {p["id"]: ask_directly(server, p["prompt"]) for p in prompts(N_PROMPTS)}
     assert len(set(answers.values())) == N_PROMPTS  # distinct answers: a swap or duplicate would show
     return answers
