@@ -82,6 +82,12 @@ def test_k_updates_in_one_step_equal_k_steps_on_the_same_rollouts(megatron_tp1: 
     assert all(torch.equal(w, start[name]) for name, w in _weights(twice).items()), "both start from the same D"
     teacher_P, student_PN, metrics, phases = _discriminate(twice)
 
+    want, got = _weights(once), _weights(twice)
+    assert got.keys() == want.keys()
+    moved = sum(float((want[k] - start[k]).abs().max()) for k in want)
+    assert moved > 0
+    for name, w in want.items():
+        torch.testing.assert_close(got[name], w, rtol=1e-6, atol=1e-7, msg=name)
     assert phases == first[3] == ({"d_update"} if token_budget == 512 else {"scoring", "d_update"})
     torch.testing.assert_close(teacher_P, first[0], rtol=0, atol=0)
     torch.testing.assert_close(student_PN, first[1], rtol=0, atol=0)
@@ -89,9 +95,3 @@ def test_k_updates_in_one_step_equal_k_steps_on_the_same_rollouts(megatron_tp1: 
     assert "d_acc_after" not in first[2]
     assert metrics["d_acc_after"] == pytest.approx(float(pair_accuracy(second[0], second[1])))
     assert not torch.allclose(second[1], first[1]), "the second pass scores with the updated D"
-    want, got = _weights(once), _weights(twice)
-    assert got.keys() == want.keys()
-    moved = sum(float((want[k] - start[k]).abs().max()) for k in want)
-    assert moved > 0
-    for name, w in want.items():
-        torch.testing.assert_close(got[name], w, rtol=1e-6, atol=1e-7, msg=name)
