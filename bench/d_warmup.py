@@ -83,8 +83,9 @@ def heldout_rows(cfg: RunConfig, source: Path, out: Path, n: int) -> list[dict[s
 
 
 @torch.no_grad()
-def heldout_accuracy(d_dir: Path, rows: list[dict[str, Any]], batch_size: int = 16) -> float:
-    """Pair accuracy of the HF discriminator in ``d_dir`` on the held-out rows."""
+def heldout_accuracy(d_dir: Path, rows: list[dict[str, Any]], batch_size: int = 16) -> tuple[float, float]:
+    """Pair accuracy of the HF discriminator in ``d_dir`` on the held-out rows, and its standard
+    error over prompts (a prompt's pairs share its teacher answer: they are not independent)."""
     from gad_megatron.evaluation.hf_discriminator import load_hf_discriminator, score_sequences
     from gad_megatron.text_encoding import right_pad
 
@@ -93,7 +94,9 @@ def heldout_accuracy(d_dir: Path, rows: list[dict[str, Any]], batch_size: int = 
     scores = torch.cat([score_sequences(model, *right_pad(seqs[i : i + batch_size], model.config.pad_token_id))
                         for i in range(0, len(seqs), batch_size)])  # fmt: skip
     groups_PK = scores.view(len(rows), -1)  # every prompt has n rollouts
-    return float(pair_accuracy(groups_PK[:, 0], groups_PK[:, 1:]))
+    per_prompt_P = (groups_PK[:, :1] > groups_PK[:, 1:]).float().mean(dim=1)
+    accuracy = float(pair_accuracy(groups_PK[:, 0], groups_PK[:, 1:]))
+    return accuracy, float(per_prompt_P.std() / len(rows) ** 0.5)
 
 
 def run_variant(cfg: RunConfig, source: Path, out: Path, v: Variant) -> dict[str, Any]:
@@ -113,14 +116,15 @@ def run_variant(cfg: RunConfig, source: Path, out: Path, v: Variant) -> dict[str
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = ["| variant | steps | k | D lr | warmup wall s | steps s | D update s | train d_acc, last step | "
-             "train d_acc_after, last step | held-out pair accuracy |", "|" + "---|" * 10]  # fmt: skip
+             "train d_acc_after, last step | held-out pair accuracy (+- s.e. over prompts) |", "|" + "---|" * 10]  # fmt: skip
     for r in results:
         after = "-" if r.get("train_d_acc_after_last") is None else f"{r['train_d_acc_after_last']:.2f}"
         last = f"{r['train_d_acc'][-1]:.2f}" if r.get("train_d_acc") else "-"
+        se = "" if r.get("heldout_se") is None else f" +- {r['heldout_se']:.3f}"
         wall, steps_s, d_time = ("-" if r.get(k) is None else f"{r[k]:.0f}"
                                  for k in ("warmup_wall_s", "steps_s", "time_d_update_s"))
         lines.append(f"| {r['variant']} | {r.get('steps', '-')} | {r.get('disc_updates', '-')} | "
-                     f"{r.get('disc_lr', '-')} | {wall} | {steps_s} | {d_time} | {last} | {after} | {r['heldout_acc']:.3f} |")
+                     f"{r.get('disc_lr', '-')} | {wall} | {steps_s} | {d_time} | {last} | {after} | {r['heldout_acc']:.3f}{se} |")
     return "\n".join(lines)
 
 
@@ -139,10 +143,12 @@ def main() -> None:
     results = []
     own = source / "warmup" / "final" / "discriminator"
     if own.is_dir():  # the source run's own warmup: what the quickstart shipped
-        results.append({"variant": "source run's warmup", "heldout_acc": heldout_accuracy(own, rows)})
+        acc, se = heldout_accuracy(own, rows)
+        results.append({"variant": "source run's warmup", "heldout_acc": acc, "heldout_se": se})
     for v in map(Variant.parse, a.variant or DEFAULT_VARIANTS):
         result = run_variant(cfg, source, out, v)
-        result["heldout_acc"] = heldout_accuracy(out / v.name / "warmup" / "final" / "discriminator", rows)
+        result["heldout_acc"], result["heldout_se"] = heldout_accuracy(out / v.name / "warmup" / "final" / "discriminator",
+                                                                       rows)  # fmt: skip
         log.info("%s: held-out pair accuracy %.3f, warmup %.0f s", v.name, result["heldout_acc"],
                  result["warmup_wall_s"])  # fmt: skip
         results.append(result)
