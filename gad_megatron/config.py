@@ -127,6 +127,10 @@ class TrainConfig(_Strict):
     epsilon: float = Field(0.2, gt=0.0, description="PPO-style clip (paper: 0.2).")
     disc_loss: Literal["bt", "ce"] = Field("bt", description="Bradley-Terry (paper) or cross-entropy GAN loss (ablation).")
     disc_only_steps: int = Field(10, ge=0, description="Warmup steps that update D alone (paper: 10).")
+    disc_updates_per_step: int = Field(
+        1, ge=1, description="D updates on each step's rollout batch (warmup and gad), each a fresh forward "
+        "and backward with D's current weights; the rewards stay D's scores before the first. 1 = the paper.",
+    )
     warmup_until_d_acc: float | None = Field(
         None, gt=0.0, le=1.0, description="Warmup ends early once D's pair accuracy, averaged over the last "
         "3 steps, reaches this (max_steps and the epochs still cap it): GAD then starts from a D that tells "

@@ -123,6 +123,14 @@ def test_parallel_section_defaults_and_checks(tmp_path: Path, base: dict) -> Non
             load_config(write_config(tmp_path, base), [override])
 
 
+def test_disc_updates_per_step_defaults_to_the_paper_and_must_be_positive(tmp_path: Path, base: dict) -> None:
+    assert load_config(write_config(tmp_path, base)).train.disc_updates_per_step == 1
+    assert load_config(write_config(tmp_path, base), ["train.disc_updates_per_step=4"]).train.disc_updates_per_step == 4
+    for value in ("0", "-1", "1.5"):
+        with pytest.raises(ConfigError, match=r"train\.disc_updates_per_step"):
+            load_config(write_config(tmp_path, base), [f"train.disc_updates_per_step={value}"])
+
+
 def test_overrides_parse_yaml_values(tmp_path: Path, base: dict) -> None:
     cfg = load_config(write_config(tmp_path, base), ["train.learning_rate=2e-6", "train.report_to=[]", "seed=7"])
     assert cfg.train.learning_rate == 2e-6 and cfg.train.report_to == [] and cfg.seed == 7

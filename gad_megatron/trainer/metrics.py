@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 # The console summary: what tells at a glance whether adversarial training is healthy.
-SUMMARY_KEYS = ("d_loss", "d_acc", "reward_std", "kl", "len_mean", "len_max", "sft_loss")
+SUMMARY_KEYS = ("d_loss", "d_acc", "d_acc_after", "reward_std", "kl", "len_mean", "len_max", "sft_loss")
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, by a substring of the CUDA device name; first match
 # wins, so the PCIe H100 (fewer SMs, lower clocks) precedes the SXM part that its name would also match.

@@ -207,6 +207,7 @@ def build_context(cfg: RunConfig, stage: str) -> tuple[StepContext, StepPlan, li
         rollout=RolloutSettings(n=t.num_generations, max_tokens=t.max_response_length, temperature=t.temperature),
         token_budget=cfg.parallel.micro_batch_tokens, disc_loss=t.disc_loss, clip=t.epsilon, kl_beta=t.beta,
         tis_cap=_tis_cap(cfg), seed=cfg.seed, disc_only_steps=t.disc_only_steps if stage == "warmup" else 0,
+        disc_updates=t.disc_updates_per_step,
     )  # fmt: skip
     return ctx, plan, records, tokenizer
 

@@ -31,7 +31,8 @@ from gad_megatron.rollout.step import Rollout, RolloutSettings, rollout_metrics,
 from gad_megatron.text_encoding import TextEncoder
 from gad_megatron.trainer import ops
 from gad_megatron.trainer.actor import Actor, sum_metrics
-from gad_megatron.trainer.batching import build_batch, build_score_batch, group_micro_batches, micro_batches
+from gad_megatron.trainer.batching import (ScoreBatch, build_batch, build_score_batch, group_micro_batches,
+                                          micro_batches)
 from gad_megatron.trainer.metrics import PhaseTimer
 from gad_megatron.trainer.setup import data_parallel_share
 
@@ -58,6 +59,7 @@ class StepContext:
     dp_rank: int = 0
     dp_size: int = 1
     disc_only_steps: int = 0
+    disc_updates: int = 1  # D updates on each step's rollout batch (train.disc_updates_per_step)
 
     @property
     def pad_id(self) -> int:
@@ -102,28 +104,49 @@ def discriminate(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout]
     One D pass when each prompt's teacher answer and rollouts fit one micro-batch together:
     its forward gives the scores, its backward the update (phase ``d_update``). Otherwise two:
     scores without autograd (``scoring``), then the update re-run one micro-batch at a time.
+    With ``ctx.disc_updates`` = k > 1, D learns k times on this batch, each pass scoring with
+    the weights the previous one left (GAN practice: k critic steps); the scores returned, and
+    ``d_loss``, are the first pass's, ``d_acc_after`` the pair accuracy of the last pass's.
     """
     assert ctx.d_lm is not None
     teacher = [ctx.encoder.encode(p["prompt"], p["teacher_response"]) for p in prompts]
     batch = build_score_batch(teacher + [list(r.d_input_ids) for r in rollouts], ctx.pad_id, ctx.width_multiple)
-    n_p, n, total = len(teacher), ctx.rollout.n, len(teacher) + len(rollouts)
+    n_p, n = len(teacher), ctx.rollout.n
     groups_GK = torch.cat([torch.arange(n_p)[:, None], n_p + torch.arange(n_p * n).view(n_p, n)], dim=1)
     grouped = group_micro_batches(batch, groups_GK, ctx.token_budget, ctx.width_multiple) if ctx.d is not None else None
-    if grouped is not None:  # one pass: the update's forward gives the scores
-        with timer("d_update"):
-            scores, grad_norm = ops.disc_score_and_update(ctx.d, grouped, total, n + 1, ctx.disc_loss)
-    else:  # scores first, then (unless D is frozen) the update one micro-batch at a time
-        micro = micro_batches(batch, ctx.token_budget, ctx.width_multiple)
-        with timer("scoring"):
-            scores = ops.score(ctx.d_lm, micro, total)
-        if ctx.d is not None:
-            with timer("d_update"):
-                grad_norm = ops.disc_update(ctx.d, micro, scores[:n_p], scores[n_p:].view(n_p, n), ctx.disc_loss)
+    micro = micro_batches(batch, ctx.token_budget, ctx.width_multiple) if grouped is None else None
+    scores, grad_norm = _disc_pass(ctx, grouped, micro, n_p, timer)
     teacher_P, student_PN = scores[:n_p], scores[n_p:].view(n_p, n)
     if ctx.d is None:
         return teacher_P, student_PN, {}
     loss = float(DISC_LOSSES[ctx.disc_loss](teacher_P, student_PN))
-    return teacher_P, student_PN, {"d_loss": _dp_mean(loss), "grad_norm_d": grad_norm}
+    metrics = {"d_loss": _dp_mean(loss), "grad_norm_d": grad_norm}
+    if ctx.disc_updates > 1:
+        for _ in range(ctx.disc_updates - 1):
+            last = _disc_pass(ctx, grouped, micro, n_p, timer)[0]
+        metrics["d_acc_after"] = _dp_mean(float(pair_accuracy(last[:n_p], last[n_p:].view(n_p, n))))
+    return teacher_P, student_PN, metrics
+
+
+def _disc_pass(ctx: StepContext, grouped: Sequence[ScoreBatch] | None, micro: Sequence[ScoreBatch] | None,
+               n_prompts: int, timer: PhaseTimer) -> tuple[torch.Tensor, float | None]:
+    """D's current scores of every row (teacher answers first, then rollouts prompt-major) and
+    one D update on them unless D is frozen: in one pass over ``grouped`` (whole groups per
+    micro-batch), else scoring then updating over ``micro``. -> (scores [rows], grad norm or None)"""
+    n, total = ctx.rollout.n, n_prompts * (ctx.rollout.n + 1)
+    if grouped is not None:
+        assert ctx.d is not None  # a frozen D is never grouped
+        with timer("d_update"):
+            return ops.disc_score_and_update(ctx.d, grouped, total, n + 1, ctx.disc_loss)
+    assert micro is not None
+    with timer("scoring"):
+        scores = ops.score(ctx.d_lm, micro, total)
+    if ctx.d is None:
+        return scores, None
+    with timer("d_update"):
+        grad_norm = ops.disc_update(ctx.d, micro, scores[:n_prompts], scores[n_prompts:].view(n_prompts, n),
+                                    ctx.disc_loss)  # fmt: skip
+    return scores, grad_norm
 
 
 def update_generator_pg(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout],
