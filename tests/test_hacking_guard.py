@@ -122,7 +122,12 @@ def test_stop_raises_on_every_rank_only_when_set(tmp_path: Path) -> None:
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / "COMPLETE").write_text("complete\n")
     (tmp_path / "checkpoint-4").mkdir()  # an unfinished export: never named
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    # The in-process stage runs of other tests keep their one-rank group alive: use it when it is there.
+    owns_group = not torch.distributed.is_initialized()
+    if owns_group:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                                             world_size=1)
+    assert torch.distributed.get_world_size() == 1
     try:
         for stop in (False, True):
             guard = HackingGuard(HackingGuardConfig(stop=stop))
@@ -133,7 +138,8 @@ def test_stop_raises_on_every_rank_only_when_set(tmp_path: Path) -> None:
             with pytest.raises(RewardHackingError, match=r"checkpoint-2 \(step 2\)"):
                 _stop_if_hacked(guard, 10, tmp_path / "megatron", tmp_path)
     finally:
-        torch.distributed.destroy_process_group()
+        if owns_group:
+            torch.distributed.destroy_process_group()
 
 
 # The tiny gad runs: warmup (SFT at a high lr, so that G learns to end its answers near the
