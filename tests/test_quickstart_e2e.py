@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,10 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path: Path) -> None:
 
     second = quickstart(run)
     assert second.returncode == 0, second.stderr[-4000:]
-    assert "teacher: 12 answered (12 cached), 0 failed" in second.stderr  # zero new teacher requests
+    # One line per token budget (train, eval); every answer comes from the cache: zero new teacher requests.
+    budgets = re.findall(r"teacher, (\d+) tokens: (\d+) answered \((\d+) cached\), (\d+) failed", second.stderr)
+    assert len(budgets) == 2, second.stderr[-4000:]
+    assert all(ok == cached and failed == "0" for _, ok, cached, failed in budgets), budgets
+    assert sum(int(ok) for _, ok, _, _ in budgets) == 12
     for stage in ("seqkd", "warmup", "gad"):
         assert f"{stage}: reusing" in second.stderr
