@@ -85,6 +85,8 @@ def check_real_model(hf_dir: str) -> dict[str, float]:
 
 
 def check_tiny_models(families: tuple[str, ...]) -> dict[str, float]:
+    """Inference parity: models in eval mode (megatron-core refuses MoE at TP > 1 without sequence
+    parallelism in training mode only; dense models compute the same in both, without dropout)."""
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
     right, left = padded_batch(left=False), padded_batch(left=True)
     results: dict[str, float] = {}
@@ -92,12 +94,14 @@ def check_tiny_models(families: tuple[str, ...]) -> dict[str, float]:
         hf_policy = tiny_model(family, "policy", seed=0)
         policy = build_gpt(hf_policy.config)
         load_hf_weights(policy, disk_state(hf_policy))
+        policy.model.eval()
         results.update({f"{family}/{k}": v for k, v in logits_difference(policy, hf_policy, ids).items()})
         results[f"{family}/policy_export"] = export_difference(policy, hf_policy)
 
         hf_d = tiny_model(family, "discriminator", seed=1)
         d = build_discriminator(hf_d.config)
         load_hf_weights(d, disk_state(hf_d))
+        d.model.eval()
         with torch.no_grad():
             reference = score_sequences(hf_d, *right)
         got_right, got_left = scores(d, *right), scores(d, *left)
