@@ -27,7 +27,9 @@ from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any, TypeVar
 
-from gad_megatron.models.families import DECODER_RULES, Fuse, ModelLayout, Split, TensorRule
+import torch
+
+from gad_megatron.models.families import DECODER_RULES, Fuse, ModelLayout, Split, TensorRule, family_of
 
 T = TypeVar("T")
 
@@ -134,6 +136,25 @@ def check_expert_parallel(num_experts: int, ep: int) -> None:
         raise ValueError(f"EP={ep} does not divide the {num_experts} experts")
 
 
+def check_moe_training_layout(hf_config: Any, tp: int, ep: int, what: str) -> None:
+    """A one-line ConfigError for an MoE model the trainer cannot train at TP x EP (dense: none).
+
+    megatron-core refuses MoE layers at TP > 1 in training without sequence parallelism (the
+    experts would see each token once per TP rank), and this trainer does not use sequence
+    parallelism (the policy's logits and D's scores need whole sequences on every rank).
+    """
+    from gad_megatron.config import ConfigError
+
+    if not family_of(hf_config).moe:
+        return
+    if tp > 1:
+        raise ConfigError(f"{what} is a mixture of experts: parallel.tensor_parallel={tp} needs sequence parallelism "
+                          "in megatron-core's MoE layers, which this trainer does not use; split it with "
+                          "parallel.expert_parallel (and pipeline_parallel) instead")  # fmt: skip
+    if hf_config.num_experts % ep:
+        raise ConfigError(f"parallel.expert_parallel={ep} does not divide the {hf_config.num_experts} experts of {what}")
+
+
 def local_expert_name(name: str, num_experts: int, ep: int, ep_rank: int) -> str | None:
     """The name on EP rank ``ep_rank`` of a tensor named with a global expert number (other
     tensors keep their name); None when another EP rank holds that expert."""
@@ -152,17 +173,41 @@ def localize_experts(state: Mapping[str, T], num_experts: int, ep: int, ep_rank:
             if (new := local_expert_name(name, num_experts, ep, ep_rank)) is not None}  # fmt: skip
 
 
+def is_expert(name: str) -> bool:
+    return _expert_template(name)[1] is not None
+
+
+def global_expert_name(name: str, num_experts: int, ep: int, ep_rank: int) -> str:
+    """Inverse of :func:`local_expert_name`: EP rank ``ep_rank``'s local expert name, numbered globally."""
+    check_expert_parallel(num_experts, ep)
+    template, expert = _expert_template(name)
+    return name if expert is None else template.replace("{expert}", str(ep_rank * (num_experts // ep) + expert))
+
+
 def globalize_experts(states: Sequence[Mapping[str, T]], num_experts: int) -> dict[str, T]:
     """Inverse of :func:`localize_experts`: the EP ranks' state dicts, in EP-rank order, as one
     with global expert numbers (tensors outside the experts are taken from rank 0)."""
-    check_expert_parallel(num_experts, len(states))
-    per_rank = num_experts // len(states)
-    merged: dict[str, T] = {}
-    for ep_rank, state in enumerate(states):
-        for name, value in state.items():
-            template, expert = _expert_template(name)
-            if expert is not None:
-                merged[template.replace("{expert}", str(ep_rank * per_rank + expert))] = value
-            elif ep_rank == 0:
-                merged[name] = value
-    return merged
+    return {global_expert_name(name, num_experts, len(states), ep_rank): value
+            for ep_rank, state in enumerate(states) for name, value in state.items()
+            if ep_rank == 0 or is_expert(name)}  # fmt: skip
+
+
+def per_expert_views(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers >= 5 parameters with each stacked expert tensor replaced by per-expert views
+    under the checkpoint names: ``mlp.experts.gate_up_proj`` [E, 2I, H] -> ``mlp.experts.{e}.
+    gate_proj.weight`` [I, H] (rows :I) and ``up_proj.weight`` (rows I:), ``mlp.experts.down_proj``
+    [E, H, I] -> ``mlp.experts.{e}.down_proj.weight``. Copying into a view writes the stacked
+    parameter; other parameters pass through."""
+    views: dict[str, torch.Tensor] = {}
+    for name, param in params.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = name.removesuffix("gate_up_proj")
+            for e, fused in enumerate(param):
+                gate, up = fused.chunk(2)
+                views[f"{prefix}{e}.gate_proj.weight"], views[f"{prefix}{e}.up_proj.weight"] = gate, up
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = name.removesuffix("down_proj")
+            views.update({f"{prefix}{e}.down_proj.weight": down for e, down in enumerate(param)})
+        else:
+            views[name] = param
+    return views

@@ -87,16 +87,15 @@ def build_gpt(hf_config: Any, role: Role = "policy", dtype: torch.dtype = torch.
     enable_cpu_support()  # megatron modules imported just now see the CPU bridge too
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    ep = parallel_state.get_expert_model_parallel_world_size()
     family = family_of(hf_config)
-    if ep > 1 and not family.moe:
-        raise ValueError(f"expert parallelism (EP={ep}) needs a mixture-of-experts model, not {family.name}")
     layout = layout_from_hf(hf_config, tp, pp, role, layer_spec()[1])
     spec, _ = layer_spec(family.qk_norm, getattr(layout, "num_experts", None))
-    if family.moe:
+    if family.moe:  # a dense model treats the expert-parallel ranks as the data-parallel ranks they are
+        ep = parallel_state.get_expert_model_parallel_world_size()
         check_expert_parallel(layout.num_experts, ep)
+        config_overrides = {"expert_model_parallel_size": ep, **config_overrides}
     config = transformer_config_from_hf(hf_config, tp, pp, dtype, perform_initialization=initialize,
-                                        expert_model_parallel_size=ep, **config_overrides)  # fmt: skip
+                                        **config_overrides)  # fmt: skip
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,

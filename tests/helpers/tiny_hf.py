@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from gad_megatron.models.moe import per_expert_views
+
 FAMILIES = ("llama", "qwen2", "qwen3")  # dense
 MOE_FAMILIES = ("qwen3_moe",)
 # vocab 300 is not a multiple of 128 x TP, so every test also exercises the vocabulary padding.
@@ -61,19 +63,6 @@ def save_tiny_model(out_dir: str | Path, family: str, role: str = "policy", seed
 
 def disk_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors as HF checkpoints hold them: transformers >= 5 stacks MoE experts in
-    memory (``mlp.experts.gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I]) but saves them one
-    by one (``mlp.experts.{e}.gate_proj.weight`` ...). Not ``save_pretrained``: under
-    torch.distributed it writes on rank 0 only."""
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if name.endswith("mlp.experts.gate_up_proj"):
-            prefix = name.removesuffix("gate_up_proj")
-            for e, fused in enumerate(tensor):
-                gate, up = fused.chunk(2)
-                state[f"{prefix}{e}.gate_proj.weight"], state[f"{prefix}{e}.up_proj.weight"] = gate, up
-        elif name.endswith("mlp.experts.down_proj"):
-            prefix = name.removesuffix("down_proj")
-            state.update({f"{prefix}{e}.down_proj.weight": down for e, down in enumerate(tensor)})
-        else:
-            state[name] = tensor
-    return state
+    memory but saves them one by one (not ``save_pretrained``: under torch.distributed it
+    writes on rank 0 only)."""
+    return per_expert_views(model.state_dict())
