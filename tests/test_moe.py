@@ -76,3 +76,15 @@ def test_expert_parallel_must_divide_the_experts() -> None:
     state = {EXPERT_FC1.format(0, e): torch.zeros(1) for e in range(4)}
     with pytest.raises(ValueError, match="EP=3 does not divide the 4 experts"):
         localize_experts(state, 4, 3, 0)
+
+
+def test_trainer_refuses_moe_at_tp2_and_ep_that_does_not_divide() -> None:
+    from gad_megatron.config import ConfigError
+    from gad_megatron.models.moe import check_moe_training_layout
+
+    check_moe_training_layout(tiny_config("qwen3_moe"), tp=1, ep=2, what="the generator")
+    check_moe_training_layout(tiny_config("qwen3"), tp=2, ep=2, what="the discriminator")  # dense: EP ranks are DP
+    with pytest.raises(ConfigError, match="the generator is a mixture of experts: parallel.tensor_parallel=2"):
+        check_moe_training_layout(tiny_config("qwen3_moe"), tp=2, ep=1, what="the generator")
+    with pytest.raises(ConfigError, match="parallel.expert_parallel=3 does not divide the 4 experts"):
+        check_moe_training_layout(tiny_config("qwen3_moe"), tp=1, ep=3, what="the generator")
