@@ -77,6 +77,9 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
                for name, (src, args) in MODELS.items()]  # fmt: skip
     imports += [f"import --model {work / 'hf' / src} {args} --out {work / 'mg' / name}"
                 for name, (src, args, _) in MOE_MODELS.items()]  # fmt: skip
+    # The weight stream gathering experts over TP and EP: exported at TP=2 x EP=2.
+    imports.append(f"export --checkpoint {work / 'mg' / 'qwen3_moe-policy'} --tp 2 --ep 2 "
+                   f"--out {work / 'out' / 'qwen3_moe-tp2ep2'}")
     # The other way round too: imported at TP=1 (4 data-parallel replicas), exported at TP=2 x PP=2.
     imports += [f"import --model {work / 'hf' / 'qwen2-policy'} --out {work / 'mg' / 'qwen2-tp1'}",
                 f"export --checkpoint {work / 'mg' / 'qwen2-tp1'} --tp 2 --pp 2 --out {work / 'out' / 'qwen2-tp1'}"]
@@ -116,6 +119,8 @@ def test_import_at_tp2_pp2_then_export_at_tp1_is_bit_exact(converted: tuple) -> 
         architecture = json.loads((work / "out" / name / "config.json").read_text())["architectures"]
         suffix = "ForSequenceClassification" if role == "discriminator" else "ForCausalLM"
         assert architecture == [ARCHITECTURES[name.split("-")[0]] + suffix]
+    source, got = tensors(work / "hf" / "qwen3_moe-policy"), tensors(work / "out" / "qwen3_moe-tp2ep2")
+    assert got.keys() == source.keys() and all(torch.equal(got[k], v) for k, v in source.items())
     assert read_meta(work / "mg" / "qwen2-tp1")["layout"] == {"world_size": 4, "tp": 1, "pp": 1}
     source, got = tensors(work / "hf" / "qwen2-policy"), tensors(work / "out" / "qwen2-tp1")
     assert got.keys() == source.keys() and all(torch.equal(got[k], v) for k, v in source.items())
