@@ -53,7 +53,9 @@ _EXPERT = re.compile(r"(?<=\.local_experts\.)\d+(?=\.)")
 def _expert_template(name: str) -> tuple[str, int | None]:
     """(name with its expert number replaced by ``{expert}``, that number or None)."""
     match = _EXPERT.search(name)
-    return (name, None) if match is None else (name[: match.start()] + "{expert}" + name[match.end() :], int(match.group()))
+    if match is None:
+        return name, None
+    return name[: match.start()] + "{expert}" + name[match.end() :], int(match.group())
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,8 @@ def check_moe_training_layout(hf_config: Any, tp: int, ep: int, what: str) -> No
                           "in megatron-core's MoE layers, which this trainer does not use; split it with "
                           "parallel.expert_parallel (and pipeline_parallel) instead")  # fmt: skip
     if hf_config.num_experts % ep:
-        raise ConfigError(f"parallel.expert_parallel={ep} does not divide the {hf_config.num_experts} experts of {what}")
+        raise ConfigError(f"parallel.expert_parallel={ep} does not divide the {hf_config.num_experts} experts "
+                          f"of {what}")  # fmt: skip
 
 
 def local_expert_name(name: str, num_experts: int, ep: int, ep_rank: int) -> str | None:
