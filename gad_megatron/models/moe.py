@@ -63,7 +63,6 @@ class MoELayout(ModelLayout):
     """A :class:`ModelLayout` whose every layer has ``num_experts`` experts (global numbers)."""
 
     num_experts: int = 0
-    moe_ffn_hidden_size: int = 0
 
     @cached_property
     def rules(self) -> tuple[TensorRule, ...]:
@@ -107,8 +106,7 @@ def moe_layout(dense: ModelLayout, hf_config: Any) -> MoELayout:
         raise ValueError(f"num_experts_per_tok={top_k} must be between 1 and num_experts={experts}")
     if hf_config.moe_intermediate_size % dense.tp:
         raise ValueError(f"TP={dense.tp} does not divide the {hf_config.moe_intermediate_size} expert FFN size")
-    return MoELayout(**{f.name: getattr(dense, f.name) for f in fields(dense)}, num_experts=experts,
-                     moe_ffn_hidden_size=hf_config.moe_intermediate_size)  # fmt: skip
+    return MoELayout(**{f.name: getattr(dense, f.name) for f in fields(dense)}, num_experts=experts)
 
 
 def moe_config_kwargs(hf_config: Any) -> dict[str, Any]:
