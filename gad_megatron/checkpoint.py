@@ -63,12 +63,15 @@ def _barrier() -> None:
 
 
 def _layout() -> dict[str, int]:
+    """The parallel layout; ``ep`` only with expert parallelism (older checkpoints have none)."""
     from megatron.core import parallel_state
 
+    ep = parallel_state.get_expert_model_parallel_world_size()
     return {
         "world_size": torch.distributed.get_world_size(),
         "tp": parallel_state.get_tensor_model_parallel_world_size(),
         "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        **({"ep": ep} if ep > 1 else {}),
     }
 
 

@@ -69,7 +69,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from gad_megatron.layout_check import run_check
 
-    result = run_check(args.model, tp=args.tp, pp=args.pp, prompt=args.prompt, tolerance=args.tolerance)
+    result = run_check(args.model, tp=args.tp, pp=args.pp, prompt=args.prompt, tolerance=args.tolerance, ep=args.ep)
     ok = result is None or (result.max_abs_logit_diff <= args.tolerance and result.megatron_text == result.transformers_text)
     return 0 if ok else 1
 
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m-instruct", help="hub id, HF dir, .gguf or alias")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (mixture-of-experts models)")
     p.add_argument("--prompt", default="What is the capital of France?")
     p.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted logit difference (fp32)")
 

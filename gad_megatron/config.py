@@ -208,6 +208,11 @@ class ParallelConfig(_Strict):
         1, ge=1, description="Megatron PP: consecutive layer stages (must divide the layers). 1: no pipeline "
         "bubble; raise it only for models that do not fit with TP within a node.",
     )
+    expert_parallel: int = Field(
+        1, ge=1, description="Megatron EP, for mixture-of-experts students and discriminators (Qwen3-MoE): each "
+        "layer's experts are spread over this many data-parallel ranks (must divide the experts; TP x EP x PP must "
+        "divide the world). MoE models train at TP=1 (megatron-core needs sequence parallelism for MoE with TP).",
+    )
     rollout_tensor_parallel: int = Field(
         1, ge=1, description="vLLM TP of the rollout engine (must divide the GPUs of a node); replicas = world / "
         "this. 1 gives the most independent engines; the paper's 7B run used 2.",

@@ -1,8 +1,9 @@
-"""``gad check``: load a model into megatron-core at a TP x PP layout and prove it is right.
+"""``gad check``: load a model into megatron-core at a TP x PP (x EP) layout and prove it is right.
 
     gad check --model smollm2-135m-instruct                                     # one process
     torchrun --nproc_per_node 2 -m gad_megatron.cli check --model smollm2-135m-instruct --pp 2
     torchrun --nproc_per_node 2 -m gad_megatron.cli check --model Qwen/Qwen2.5-0.5B-Instruct --tp 2
+    torchrun --nproc_per_node 2 -m gad_megatron.cli check --model Qwen/Qwen3-30B-A3B --ep 2   # MoE experts
 
 On every rank the Megatron model (this rank's TP shard of its PP stage) is built from the HF
 weights; rank 0 also runs transformers on the same prompt and reports the largest logit
@@ -47,19 +48,21 @@ def greedy_megatron(lm, prompt_ids: list[int], max_new_tokens: int, stop_ids: se
 
 
 def run_check(model: str, tp: int = 1, pp: int = 1, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 24,
-              tolerance: float = 1e-3) -> CheckResult | None:
-    """Build, compare, decode; rank 0 returns the result, other ranks None."""
+              tolerance: float = 1e-3, ep: int = 1) -> CheckResult | None:
+    """Build, compare, decode; rank 0 returns the result, other ranks None. ``ep``: expert
+    parallelism (mixture-of-experts models)."""
     from gad_megatron.models.policy import broadcast_from_last_stage, build_policy, full_logits
     from gad_megatron.models.sources import load_causal_lm, load_tokenizer, resolve_model_path
     from gad_megatron.parallel.launch import init_distributed
 
     start = time.perf_counter()
-    launch = init_distributed(tp, pp, seed=0)
+    launch = init_distributed(tp, pp, seed=0, ep=ep)
     path = resolve_model_path(model)
     tokenizer = load_tokenizer(path)
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         tokenize=True, return_dict=False)  # fmt: skip
     lm = build_policy(path)
+    lm.model.eval()  # inference (megatron-core refuses MoE at TP > 1 in training mode without sequence parallelism)
     logits = full_logits(lm, torch.tensor([ids]))
     shape = (1, len(ids), lm.layout.vocab_size)
     logits = broadcast_from_last_stage(logits, shape, torch.float32)
@@ -81,7 +84,8 @@ def run_check(model: str, tp: int = 1, pp: int = 1, prompt: str = DEFAULT_PROMPT
         seconds=time.perf_counter() - start,
     )
     verdict = "OK" if diff <= tolerance and result.megatron_text == result.transformers_text else "MISMATCH"
-    print(f"gad check: {verdict}: TP={tp} PP={pp} world={launch.world_size} ({launch.source}), "
+    layout = f"TP={tp} PP={pp}" + (f" EP={ep}" if ep > 1 else "")
+    print(f"gad check: {verdict}: {layout} world={launch.world_size} ({launch.source}), "
           f"max |logit diff| vs transformers {diff:.2e} (tolerance {tolerance:g}), {result.seconds:.1f} s")
     print(f"  megatron:     {result.megatron_text!r}\n  transformers: {result.transformers_text!r}")
     return result

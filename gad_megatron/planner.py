@@ -23,6 +23,11 @@ Memory model, per GPU, for the pipeline stage that needs the most (every stage i
   each layer's bf16 input (``2h``) plus one layer's activations, rebuilt in its backward;
   ``selective`` frees the attention scores, which flash attention never keeps: costed as none.
 * G's logits: bf16 [tokens, vocab/TP] and their gradient (loss.py works in fp32 on chunks only).
+* mixture of experts (Qwen3-MoE): each GPU holds ``experts / EP`` of every layer's experts
+  (cut over TP as well) and the whole replicated router; expert gradients are reduced over
+  expert-data-parallel ranks (DP / EP), so the distributed optimizer shards expert states over
+  DP / EP only. Activations per token: the top-k experts' SwiGLU (``6 k moe_ffn``) and the
+  dispatched copies of the token into and out of them (``4 k h``), instead of a dense FFN.
 * the colocated vLLM engine (while awake; it sleeps during training): G in bf16 over the
   rollout TP, the rest of ``rollout_gpu_memory_utilization`` x GPU memory is KV cache.
 * a fixed allowance for the CUDA context, NCCL buffers and allocator fragmentation.
@@ -68,6 +73,11 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
     "qwen3-8b": {"model_type": "qwen3", "num_hidden_layers": 36, "hidden_size": 4096, "num_attention_heads": 32,
                  "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 12288, "vocab_size": 151936,
                  "tie_word_embeddings": False},
+    # Qwen3-MoE: 128 experts of FFN 768, top-8 (30.5B parameters, 3.3B active).
+    "qwen3-30b-a3b": {"model_type": "qwen3_moe", "num_hidden_layers": 48, "hidden_size": 2048,
+                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144,
+                      "moe_intermediate_size": 768, "num_experts": 128, "num_experts_per_tok": 8,
+                      "vocab_size": 151936, "tie_word_embeddings": False},
     "smollm2-135m": {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
                      "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
                      "tie_word_embeddings": True},
@@ -92,6 +102,9 @@ class ModelShape:
     tied: bool
     qkv_bias: bool
     qk_norm: bool = False  # a [head_dim] RMSNorm weight each for queries and keys, per layer
+    experts: int = 0  # MoE: experts per layer (0: dense FFN of size ``ffn``)
+    top_k: int = 0
+    moe_ffn: int = 0
 
     @classmethod
     def from_hf(cls, config: Any) -> "ModelShape":
@@ -106,6 +119,8 @@ class ModelShape:
             ffn=config.intermediate_size, vocab=config.vocab_size,
             tied=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=bool(family and family.qkv_bias), qk_norm=bool(family and family.qk_norm),
+            experts=getattr(config, "num_experts", 0) if family and family.moe else 0,
+            top_k=getattr(config, "num_experts_per_tok", 0), moe_ffn=getattr(config, "moe_intermediate_size", 0),
         )  # fmt: skip
 
 
@@ -139,15 +154,21 @@ def padded_vocab(vocab: int, tp: int) -> int:
     return -(-vocab // multiple) * multiple
 
 
-def stage_params(shape: ModelShape, role: str, tp: int, pp: int, stage: int) -> tuple[int, int]:
-    """Parameters on one GPU of pipeline stage ``stage``: (linear weights of the layers, the rest).
+def expert_params(shape: ModelShape, tp: int, pp: int, ep: int) -> int:
+    """Expert weights on one GPU of any stage (MoE; 0 for a dense model)."""
+    return shape.layers // pp * shape.experts // ep * 3 * shape.hidden * shape.moe_ffn // tp
 
-    The split would matter for fp8 with fp8 weights (``fp8_param``), which we do not use.
+
+def stage_params(shape: ModelShape, role: str, tp: int, pp: int, stage: int, ep: int = 1) -> tuple[int, int]:
+    """Parameters on one GPU of pipeline stage ``stage``: (linear weights of the layers, experts
+    included, the rest). The split would matter for fp8 with fp8 weights (``fp8_param``), which
+    we do not use.
     """
     h, q_dim, kv_dim = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     layers = shape.layers // pp
-    linear = layers * (h * (q_dim + 2 * kv_dim) + q_dim * h + 3 * h * shape.ffn) // tp
-    norms = 2 * h + (2 * shape.head_dim if shape.qk_norm else 0)  # replicated on every TP rank
+    mlp = 0 if shape.experts else 3 * h * shape.ffn
+    linear = layers * (h * (q_dim + 2 * kv_dim) + q_dim * h + mlp) // tp + expert_params(shape, tp, pp, ep)
+    norms = 2 * h + (2 * shape.head_dim if shape.qk_norm else 0) + shape.experts * h  # replicated (router too)
     other = layers * (norms + ((q_dim + 2 * kv_dim) // tp if shape.qkv_bias else 0))  # bias split
     embedding = padded_vocab(shape.vocab, tp) * h // tp
     if stage == 0:
@@ -164,19 +185,23 @@ def stage_params(shape: ModelShape, role: str, tp: int, pp: int, stage: int) -> 
 def state_bytes(shape: ModelShape, role: str, parallel: ParallelConfig, dp: int, stage: int,
                 trained: bool = True) -> dict[str, int]:
     """Weights, fp32 main gradients and Adam states of one model on one GPU of ``stage``."""
-    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    linear, other = stage_params(shape, role, tp, pp, stage)
+    tp, pp, ep = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.expert_parallel
+    ep = ep if shape.experts else 1  # a dense model's EP ranks are data-parallel ranks
+    linear, other = stage_params(shape, role, tp, pp, stage, ep)
     # fp8 computes in fp8 but keeps bf16 weights (models/precision.py: fp8_param=False), so the
     # optimizer, checkpoints and the hand-off to vLLM see plain tensors.
     linear_bytes = {"fp32": 4, "bf16": 2, "fp8": 2}[parallel.precision]
     other_bytes = 4 if parallel.precision == "fp32" else 2  # embeddings, norms, heads never go fp8
     out = {"weights": linear * linear_bytes + other * other_bytes}
     if trained:
-        params = linear + other
+        params, experts = linear + other, expert_params(shape, tp, pp, ep)
         # fp32 training: the parameter is its own master copy, only the two moments are extra.
-        optimizer = params * (8 if parallel.precision == "fp32" else 12)
+        per_param = 8 if parallel.precision == "fp32" else 12
         out["grads"] = params * 4
-        out["optimizer"] = optimizer // dp if parallel.distributed_optimizer else optimizer
+        if parallel.distributed_optimizer:  # expert states shard over the expert-data-parallel ranks
+            out["optimizer"] = (params - experts) * per_param // dp + experts * per_param // (dp // ep)
+        else:
+            out["optimizer"] = params * per_param
     return out
 
 
@@ -184,8 +209,9 @@ def activation_bytes(shape: ModelShape, parallel: ParallelConfig, with_logits: b
     """Activations of one micro-batch of ``micro_batch_tokens`` (see the module docstring)."""
     h, tp, tokens = shape.hidden, parallel.tensor_parallel, parallel.micro_batch_tokens
     q_dim, kv_dim = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    split = 4 * q_dim + 4 * kv_dim + 6 * shape.ffn + (2 * (q_dim + kv_dim) if shape.qk_norm else 0)
-    per_token_layer = 8 * h + split // tp
+    ffn = 6 * shape.top_k * shape.moe_ffn if shape.experts else 6 * shape.ffn
+    split = 4 * q_dim + 4 * kv_dim + ffn + (2 * (q_dim + kv_dim) if shape.qk_norm else 0)
+    per_token_layer = 8 * h + split // tp + (4 * shape.top_k * h if shape.experts else 0)
     if parallel.recompute_activations == "full":
         per_token = 2 * h * shape.layers + per_token_layer
     else:
@@ -206,16 +232,19 @@ class Layout:
     dp: int
     rollout_tp: int
     rollout_replicas: int
+    ep: int = 1
 
 
 def make_layout(parallel: ParallelConfig, nodes: int, gpus_per_node: int, shapes: list[ModelShape]) -> Layout:
     """Check that the layout divides; PlanError names the first thing that does not."""
     tp, pp, rtp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.rollout_tensor_parallel
-    world = nodes * gpus_per_node
+    ep, world = parallel.expert_parallel, nodes * gpus_per_node
     if nodes < 1 or gpus_per_node < 1:
         raise PlanError(f"need at least one node and one GPU per node (got {nodes} x {gpus_per_node})")
     if world % (tp * pp):
         raise PlanError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
+    if world % (tp * ep * pp):
+        raise PlanError(f"world size {world} is not a multiple of TP x EP x PP = {tp} x {ep} x {pp}")
     if gpus_per_node % rtp:
         raise PlanError(f"rollout_tensor_parallel={rtp} does not divide the {gpus_per_node} GPUs of a node")
     for shape in shapes:
@@ -223,10 +252,15 @@ def make_layout(parallel: ParallelConfig, nodes: int, gpus_per_node: int, shapes
                                   ("FFN size", shape.ffn, tp), ("layers", shape.layers, pp)):  # fmt: skip
             if count % size:
                 raise PlanError(f"{'PP' if what == 'layers' else 'TP'}={size} does not divide the {count} {what}")
+        if shape.experts and shape.experts % ep:
+            raise PlanError(f"EP={ep} does not divide the {shape.experts} experts")
+        if shape.experts and tp > 1:
+            raise PlanError(f"TP={tp} with a mixture-of-experts model needs sequence parallelism, which the trainer "
+                            "does not use: split its experts with parallel.expert_parallel instead")  # fmt: skip
         if shape.heads % rtp or shape.kv_heads % rtp:
             raise PlanError(f"rollout_tensor_parallel={rtp} does not divide the {shape.heads} heads "
                             f"/ {shape.kv_heads} KV heads")
-    return Layout(nodes, gpus_per_node, tp, pp, world // (tp * pp), rtp, world // rtp)
+    return Layout(nodes, gpus_per_node, tp, pp, world // (tp * pp), rtp, world // rtp, ep)
 
 
 @dataclass
@@ -308,7 +342,8 @@ def format_plan(plan_: Plan, cfg: RunConfig) -> str:
     lay = plan_.layout
     lines = [
         f"stage {plan_.stage}: {lay.nodes} node(s) x {lay.gpus_per_node} GPUs = {lay.nodes * lay.gpus_per_node}",
-        f"layout: TP={lay.tp} PP={lay.pp} DP={lay.dp}; vLLM TP={lay.rollout_tp} x {lay.rollout_replicas} replicas",
+        f"layout: TP={lay.tp} PP={lay.pp} DP={lay.dp}" + (f" (EP={lay.ep} of it)" if lay.ep > 1 else "")
+        + f"; vLLM TP={lay.rollout_tp} x {lay.rollout_replicas} replicas",
         f"precision {cfg.parallel.precision}"
         + (f" ({cfg.parallel.fp8_recipe})" if cfg.parallel.precision == "fp8" else "")
         + f", distributed optimizer {'on' if cfg.parallel.distributed_optimizer else 'off'}, "

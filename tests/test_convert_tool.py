@@ -5,7 +5,8 @@ head_dim != hidden / heads), each as policy and discriminator: the Llama and Qwe
 sequence-classification ``score.weight``, the Qwen2 D is made from the causal LM with a seeded
 new head. All six imports run in one 4-process torchrun launch (with
 a TP=1 import exported at TP=2 x PP=2), the exports (and our D's scores) in one single-process
-launch.
+launch. Qwen3-MoE policy and D are imported with expert parallelism (TP=2 x EP=2, PP=2 x EP=2)
+in the same launch and exported at TP = PP = EP = 1.
 """
 
 from __future__ import annotations
@@ -36,8 +37,14 @@ MODELS = {
     "qwen3-policy": ("qwen3-policy", "--role policy"),
     "qwen3-discriminator": ("qwen3-seqcls", "--role discriminator"),
 }
-DISCRIMINATORS = ("llama-discriminator", "qwen2-discriminator", "qwen3-discriminator")
-ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# name -> (HF source directory, import arguments with the layout, the layout in the checkpoint's meta)
+MOE_MODELS = {
+    "qwen3_moe-policy": ("qwen3_moe-policy", "--role policy --tp 2 --ep 2", {"world_size": 4, "tp": 2, "pp": 1, "ep": 2}),
+    "qwen3_moe-discriminator": ("qwen3_moe-seqcls", "--role discriminator --pp 2 --ep 2",
+                                {"world_size": 4, "tp": 1, "pp": 2, "ep": 2}),
+}  # fmt: skip
+DISCRIMINATORS = ("llama-discriminator", "qwen2-discriminator", "qwen3-discriminator", "qwen3_moe-discriminator")
+ARCHITECTURES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe"}
 
 
 def launch(nproc: int, report: Path, *entries: str) -> dict[str, Any]:
@@ -64,13 +71,21 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     save_tiny_model(work / "hf" / "qwen2-policy", "qwen2", "policy", seed=2)
     save_tiny_model(work / "hf" / "qwen3-policy", "qwen3", "policy", seed=3, tied=False)
     save_tiny_model(work / "hf" / "qwen3-seqcls", "qwen3", "discriminator", seed=4)
+    save_tiny_model(work / "hf" / "qwen3_moe-policy", "qwen3_moe", "policy", seed=6)
+    save_tiny_model(work / "hf" / "qwen3_moe-seqcls", "qwen3_moe", "discriminator", seed=7)
     imports = [f"import --model {work / 'hf' / src} {args} --tp 2 --pp 2 --out {work / 'mg' / name}"
                for name, (src, args) in MODELS.items()]  # fmt: skip
+    imports += [f"import --model {work / 'hf' / src} {args} --out {work / 'mg' / name}"
+                for name, (src, args, _) in MOE_MODELS.items()]  # fmt: skip
+    # The weight stream gathering experts over TP and EP: exported at TP=2 x EP=2.
+    imports.append(f"export --checkpoint {work / 'mg' / 'qwen3_moe-policy'} --tp 2 --ep 2 "
+                   f"--out {work / 'out' / 'qwen3_moe-tp2ep2'}")
     # The other way round too: imported at TP=1 (4 data-parallel replicas), exported at TP=2 x PP=2.
     imports += [f"import --model {work / 'hf' / 'qwen2-policy'} --out {work / 'mg' / 'qwen2-tp1'}",
                 f"export --checkpoint {work / 'mg' / 'qwen2-tp1'} --tp 2 --pp 2 --out {work / 'out' / 'qwen2-tp1'}"]
     imported = launch(4, work / "imports.json", *imports)
-    exports = [f"export --checkpoint {work / 'mg' / name} --out {work / 'out' / name}" for name in MODELS]
+    exports = [f"export --checkpoint {work / 'mg' / name} --out {work / 'out' / name}"
+               for name in {**MODELS, **MOE_MODELS}]  # fmt: skip
     scores = [f"scores:{work / 'mg' / name}" for name in DISCRIMINATORS]
     exported = launch(1, work / "exports.json", *exports, *scores)
     return work, imported, exported
@@ -87,10 +102,12 @@ def test_import_at_tp2_pp2_then_export_at_tp1_is_bit_exact(converted: tuple) -> 
     work, imported, exported = converted
     assert set(imported.values()) == {0} and all(v == 0 for k, v in exported.items() if k.startswith("export")), (
         imported, exported)  # fmt: skip
-    for name, (src, args) in MODELS.items():
+    layouts = {name: {"world_size": 4, "tp": 2, "pp": 2} for name in MODELS}
+    layouts.update({name: layout for name, (_, _, layout) in MOE_MODELS.items()})
+    for name, (src, args, *_) in {**MODELS, **MOE_MODELS}.items():
         role = args.split()[1]
         meta = read_meta(work / "mg" / name)
-        assert meta["layout"] == {"world_size": 4, "tp": 2, "pp": 2}
+        assert meta["layout"] == layouts[name], name
         assert meta["models"] == {role: {"role": role, "dtype": "float32"}}
         source, got = tensors(work / "hf" / src), tensors(work / "out" / name)
         if name == "qwen2-discriminator":  # from the causal LM: its head dropped, a new one drawn from --seed
@@ -102,6 +119,8 @@ def test_import_at_tp2_pp2_then_export_at_tp1_is_bit_exact(converted: tuple) -> 
         architecture = json.loads((work / "out" / name / "config.json").read_text())["architectures"]
         suffix = "ForSequenceClassification" if role == "discriminator" else "ForCausalLM"
         assert architecture == [ARCHITECTURES[name.split("-")[0]] + suffix]
+    source, got = tensors(work / "hf" / "qwen3_moe-policy"), tensors(work / "out" / "qwen3_moe-tp2ep2")
+    assert got.keys() == source.keys() and all(torch.equal(got[k], v) for k, v in source.items())
     assert read_meta(work / "mg" / "qwen2-tp1")["layout"] == {"world_size": 4, "tp": 1, "pp": 1}
     source, got = tensors(work / "hf" / "qwen2-policy"), tensors(work / "out" / "qwen2-tp1")
     assert got.keys() == source.keys() and all(torch.equal(got[k], v) for k, v in source.items())
@@ -142,6 +161,7 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         (["import", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x")], "model path not found"),
         (["import", "--model", str(model_dir), "--tp", "3", "--out", str(tmp_path / "x")],
          "TP=3 does not divide the 4 attention heads"),
+        (["import", "--model", str(model_dir), "--ep", "2", "--out", str(tmp_path / "x")], "llama has no experts"),
         (["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "y")], "no complete checkpoint"),
     ]  # fmt: skip
     for args, message in cases:

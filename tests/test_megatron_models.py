@@ -1,7 +1,7 @@
 """Megatron policy and discriminator against transformers (fp32, CPU, gloo).
 
-TP=1 in this process; TP=2, PP=2 and TP=2 x PP=2 in torchrun launches of
-``tests/helpers/megatron_parity.py`` (one launch per process count, layouts run in turn).
+TP=1 in this process; TP=2, PP=2, EP=2 (Qwen3-MoE), TP=2 x PP=2 and TP=2 x EP=2 in torchrun
+launches of ``tests/helpers/megatron_parity.py`` (one launch per process count, layouts run in turn).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from gad_megatron.evaluation.hf_discriminator import score_sequences
 from gad_megatron.models.discriminator import align_left, load_discriminator, new_head_weight, scores
 from gad_megatron.models.policy import build_policy, full_logits
 from tests.helpers.megatron_parity import padded_batch
-from tests.helpers.tiny_hf import FAMILIES, save_tiny_model
+from tests.helpers.tiny_hf import FAMILIES, MOE_FAMILIES, save_tiny_model
 from tests.helpers.torchrun import run_torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "megatron_parity.py"
@@ -39,8 +39,8 @@ def run_parity(tmp_path: Path, nproc: int, *args: str) -> dict[str, dict[str, fl
     return json.loads(out.read_text())
 
 
-def assert_parity(report: dict[str, float]) -> None:
-    for family in FAMILIES:
+def assert_parity(report: dict[str, float], families: tuple[str, ...] = FAMILIES + MOE_FAMILIES) -> None:
+    for family in families:
         assert report[f"{family}/logits"] < TOLERANCE, report
         assert report[f"{family}/score"] < TOLERANCE, report
         assert report[f"{family}/score_left_vs_right"] < 1e-5, report
@@ -54,7 +54,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "l
 @pytest.mark.parametrize(("family", "changes"), [
     ("llama", {}), ("qwen2", {}), ("llama", {"rope_parameters": LLAMA3_ROPE}),
     ("qwen3", {}), ("qwen3", {"tied": False}),
-], ids=["llama", "qwen2", "llama3-rope-scaling", "qwen3-tied", "qwen3-untied"])  # fmt: skip
+    ("qwen3_moe", {}), ("qwen3_moe", {"norm_topk_prob": False}),
+], ids=["llama", "qwen2", "llama3-rope-scaling", "qwen3-tied", "qwen3-untied", "qwen3-moe", "qwen3-moe-unnormalised"])  # fmt: skip
 def test_tp1_policy_logits_match_transformers(megatron_tp1: None, tmp_path: Path, family: str, changes: dict) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -68,7 +69,7 @@ def test_tp1_policy_logits_match_transformers(megatron_tp1: None, tmp_path: Path
 
 
 @pytest.mark.parametrize(("family", "source"), [("llama", "discriminator"), ("qwen2", "policy"),
-                                                ("qwen3", "discriminator")])  # fmt: skip
+                                                ("qwen3", "discriminator"), ("qwen3_moe", "discriminator")])  # fmt: skip
 def test_tp1_discriminator_scores_match_transformers(megatron_tp1: None, tmp_path: Path, family: str, source: str) -> None:
     """From a saved HF D (its ``score.weight``) or a causal LM (its lm_head dropped, a new seeded head)."""
     from transformers import AutoModelForSequenceClassification
@@ -112,14 +113,17 @@ def test_align_left_moves_padding_to_the_end_and_rejects_holes() -> None:
         align_left(ids, torch.tensor([[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]))
 
 
-def test_tp2_and_pp2_on_two_processes(tmp_path: Path) -> None:
-    report = run_parity(tmp_path, 2, "2x1", "1x2")
+def test_tp2_pp2_and_ep2_on_two_processes(tmp_path: Path) -> None:
+    report = run_parity(tmp_path, 2, "2x1", "1x2", "1x1x2")
     assert_parity(report["2x1"])
     assert_parity(report["1x2"])
+    assert_parity(report["1x1x2"], MOE_FAMILIES)
 
 
-def test_tp2_x_pp2_on_four_processes(tmp_path: Path) -> None:
-    assert_parity(run_parity(tmp_path, 4, "2x2")["2x2"])
+def test_tp2_x_pp2_and_tp2_x_ep2_on_four_processes(tmp_path: Path) -> None:
+    report = run_parity(tmp_path, 4, "2x2", "2x1x2")
+    assert_parity(report["2x2"])
+    assert_parity(report["2x1x2"], MOE_FAMILIES)
 
 
 @pytest.mark.slow

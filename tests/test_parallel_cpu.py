@@ -13,7 +13,7 @@ import torch
 
 from gad_megatron.parallel import cpu
 from gad_megatron.parallel.cuda_stand_ins import CpuRNGStatesTracker, CudaView, TorchView
-from gad_megatron.parallel.mcore_fixes import TARGET, TARGET_SHA256
+from gad_megatron.parallel.mcore_fixes import ROUTER_TARGET, ROUTER_TARGET_SHA256, TARGET, TARGET_SHA256
 from tests.helpers.torchrun import run_torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "cpu_bridge_run.py"
@@ -62,11 +62,14 @@ def test_replaced_functions_are_those_the_bridge_was_written_for() -> None:
     for name, (sha, _stand_in) in cpu.RNG_FUNCTIONS.items():
         shipped = cpu._ORIGINALS.get((random_module, name)) or getattr(sys.modules[random_module], name)
         assert cpu.source_sha256(shipped) == sha, f"megatron-core changed {name}: re-check RNG_FUNCTIONS"
-    module, qualname = TARGET
-    owner = sys.modules[module] if module in sys.modules else __import__(module, fromlist=["_"])
-    for part in qualname.split("."):
-        owner = getattr(owner, part)
-    assert cpu.source_sha256(getattr(owner, "__wrapped__", owner)) == TARGET_SHA256
+    for name, (sha, _stand_in) in cpu.DISPATCHER_FUNCTIONS.items():
+        shipped = getattr(sys.modules["megatron.core.transformer.moe.moe_utils"], name)
+        assert cpu.source_sha256(shipped) == sha, f"megatron-core changed {name}: re-check DISPATCHER_FUNCTIONS"
+    for (module, qualname), sha in ((TARGET, TARGET_SHA256), (ROUTER_TARGET, ROUTER_TARGET_SHA256)):
+        owner = sys.modules[module] if module in sys.modules else __import__(module, fromlist=["_"])
+        for part in qualname.split("."):
+            owner = getattr(owner, part)
+        assert cpu.source_sha256(getattr(owner, "__wrapped__", owner)) == sha, f"megatron-core changed {qualname}"
 
 
 def test_cuda_uses_on_the_training_path_are_the_ones_bridged(tp1_run: dict) -> None:

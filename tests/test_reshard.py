@@ -1,6 +1,7 @@
 """Resharding layer (Megatron policy -> engine weights, HF export) and the rollout step.
 
-Weight sync at TP=2, PP=2 (with DP=2 at TP=PP=1 in the same launch) and TP=2 x PP=2 runs in
+Weight sync at TP=2, PP=2, EP=2 (Qwen3-MoE; the MoE policy also at PP=2 and DP=2) (with DP=2 at
+TP=PP=1 in the same launch) and TP=2 x PP=2 runs in
 torchrun launches of ``tests/helpers/reshard_check.py``; the rollout step runs in this process
 on a tiny random Llama with SmolLM2's tokenizer.
 """
@@ -16,7 +17,7 @@ from gad_megatron.rollout.engine import Completion
 from gad_megatron.rollout.hf_engine import TransformersEngine
 from gad_megatron.rollout.step import RolloutSettings, rollout_metrics, rollout_seed, rollout_step, to_rollout
 from gad_megatron.text_encoding import TextEncoder
-from tests.helpers.tiny_hf import FAMILIES
+from tests.helpers.tiny_hf import FAMILIES, MOE_FAMILIES
 from tests.helpers.torchrun import run_torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "reshard_check.py"
@@ -45,10 +46,12 @@ def assert_sync(report: dict[str, float], models: tuple[str, ...] = FAMILIES) ->
         assert all(v > 0 for k, v in checks.items() if k.startswith("peak_bytes_")), checks  # it does see allocations
 
 
-def test_sync_tp2_pp2_and_dp2_on_two_processes(tmp_path: Path) -> None:
-    report = run_reshard(tmp_path, 2, "2x1", "1x2", "1x1")
-    for layout in ("2x1", "1x2", "1x1"):
-        assert_sync(report[layout])
+def test_sync_tp2_pp2_dp2_and_ep2_on_two_processes(tmp_path: Path) -> None:
+    report = run_reshard(tmp_path, 2, "2x1", "1x2", "1x1", "1x1x2")
+    assert_sync(report["2x1"])  # MoE trains at TP = 1 only
+    for layout in ("1x2", "1x1"):
+        assert_sync(report[layout], FAMILIES + MOE_FAMILIES)
+    assert_sync(report["1x1x2"], MOE_FAMILIES)
 
 
 def test_sync_tp2_x_pp2_on_four_processes(tmp_path: Path) -> None:

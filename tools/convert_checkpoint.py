@@ -4,14 +4,16 @@
     python tools/convert_checkpoint.py import --model smollm2-135m-instruct --role policy --out ckpt/policy
     torchrun --nproc_per_node 4 tools/convert_checkpoint.py import --model Qwen/Qwen2.5-7B-Instruct \\
         --role discriminator --tp 2 --pp 2 --out ckpt/d
+    torchrun --nproc_per_node 2 tools/convert_checkpoint.py import --model Qwen/Qwen3-30B-A3B --ep 2 --out ckpt/moe
     # Megatron -> HF: policy as *ForCausalLM, discriminator as *ForSequenceClassification (num_labels=1)
     python tools/convert_checkpoint.py export --checkpoint ckpt/d --out hf/d
     torchrun --nproc_per_node 2 tools/convert_checkpoint.py export --checkpoint runs/gad --model policy \\
         --tp 2 --out hf/policy
 
-Run under torchrun for TP x PP > 1 (the world size is a multiple of TP x PP), as one process
-for TP = PP = 1. The dist checkpoint reshards on load: one imported at TP=1 loads at TP=2 (or
-any TP x PP) in training and in ``export``, so the import layout only decides how many ranks
+Run under torchrun for TP x PP x EP > 1 (the world size is a multiple of TP x EP x PP; EP,
+expert parallelism, only for mixture-of-experts models), as one process for TP = PP = EP = 1.
+The dist checkpoint reshards on load: one imported at TP=1 loads at TP=2 (or any TP x PP x EP)
+in training and in ``export``, so the import layout only decides how many ranks
 share the conversion's memory. ``import --role discriminator`` keeps an HF sequence-
 classification model's ``score.weight`` or, from a causal LM, draws a fresh 1-output head
 from ``--seed``. The HF config, role and tokenizer are stored in the checkpoint (``hf/<name>/``,
@@ -69,16 +71,20 @@ def _dtype(name: str, hf_config: Any) -> torch.dtype:
     return DTYPES.get(configured, torch.float32)
 
 
-def _check_layout(hf_config: Any, tp: int, pp: int, role: str) -> None:
+def _check_layout(hf_config: Any, tp: int, pp: int, ep: int, role: str) -> None:
     from gad_megatron.models.families import layout_from_hf
+    from gad_megatron.models.moe import check_expert_parallel
 
     try:
-        layout_from_hf(hf_config, tp, pp, role)  # type: ignore[arg-type]
+        layout = layout_from_hf(hf_config, tp, pp, role)  # type: ignore[arg-type]
+        if ep > 1 and not layout.family.moe:
+            raise ValueError(f"EP={ep}: {layout.family.name} has no experts (expert parallelism is for MoE models)")
+        check_expert_parallel(getattr(layout, "num_experts", 1), ep)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
 
-def import_model(spec: str, role: str, out: Path, tp: int, pp: int, seed: int, dtype_name: str) -> Path:
+def import_model(spec: str, role: str, out: Path, tp: int, pp: int, seed: int, dtype_name: str, ep: int = 1) -> Path:
     """HF model -> model-only dist checkpoint at ``out`` (every rank calls this)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -90,14 +96,14 @@ def import_model(spec: str, role: str, out: Path, tp: int, pp: int, seed: int, d
 
     model_dir = _local_model_dir(spec)
     hf_config = AutoConfig.from_pretrained(model_dir)
-    _check_layout(hf_config, tp, pp, role)  # before any process group: the error names the model
+    _check_layout(hf_config, tp, pp, ep, role)  # before any process group: the error names the model
     weights = HFWeights(model_dir)
     if role == "discriminator" and "score.weight" in weights and weights["score.weight"].shape[0] != 1:
         raise UsageError(f"{spec}: score.weight has {weights['score.weight'].shape[0]} outputs, a discriminator has 1")
     dtype = _dtype(dtype_name, hf_config)
     hf_config.dtype = dtype  # the exported config then states the dtype its tensors are in
 
-    init_distributed(tp, pp, seed)
+    init_distributed(tp, pp, seed, ep=ep)
     lm = build_policy(model_dir, dtype) if role == "policy" else load_discriminator(model_dir, dtype, seed=seed)
     tokenizers = {}
     if any((model_dir / f).is_file() for f in TOKENIZER_FILES):
@@ -105,7 +111,8 @@ def import_model(spec: str, role: str, out: Path, tp: int, pp: int, seed: int, d
     return save_models(out, {role: lm}, tokenizers)
 
 
-def export_model(checkpoint: Path, name: str | None, out: Path, tp: int, pp: int, max_shard_bytes: int) -> Path:
+def export_model(checkpoint: Path, name: str | None, out: Path, tp: int, pp: int, max_shard_bytes: int,
+                 ep: int = 1) -> Path:
     """Model ``name`` of a dist checkpoint -> HF directory ``out`` (every rank calls this)."""
     from transformers import AutoConfig, AutoTokenizer
 
@@ -128,9 +135,9 @@ def export_model(checkpoint: Path, name: str | None, out: Path, tp: int, pp: int
         raise UsageError(f"{path}: no exportable model {name!r} (has {sorted(models)})")
     role, source = models[name]["role"], hf_dir(path, name)
     hf_config = AutoConfig.from_pretrained(source)
-    _check_layout(hf_config, tp, pp, role)
+    _check_layout(hf_config, tp, pp, ep, role)
 
-    init_distributed(tp, pp)
+    init_distributed(tp, pp, ep=ep)
     dtype = DTYPES[models[name]["dtype"] or "float32"]
     lm = build_gpt(hf_config, "policy", dtype) if role == "policy" else build_discriminator(hf_config, dtype)
     load_checkpoint(path, {name: lm})
@@ -158,6 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         sub.add_argument("--out", required=True, type=Path)
         sub.add_argument("--tp", type=int, default=1, help="tensor parallel size")
         sub.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+        sub.add_argument("--ep", type=int, default=1, help="expert parallel size (mixture-of-experts models)")
     return parser.parse_args(argv)
 
 
@@ -166,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "import":
-            written = import_model(args.model, args.role, args.out, args.tp, args.pp, args.seed, args.dtype)
+            written = import_model(args.model, args.role, args.out, args.tp, args.pp, args.seed, args.dtype, args.ep)
         else:
             written = export_model(args.checkpoint, args.model, args.out, args.tp, args.pp,
-                                   int(args.max_shard_gb * 2**30))  # fmt: skip
+                                   int(args.max_shard_gb * 2**30), args.ep)  # fmt: skip
     except (UsageError, OSError, ValueError) as err:
         if os.environ.get("RANK", "0") == "0":
             print(f"convert_checkpoint {args.command}: {str(err).strip().splitlines()[0]}", file=sys.stderr)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from gad_megatron.models.families import ModelLayout, Role, family_of, gather, shard
+from gad_megatron.models.moe import local_expert_name
 
 ShardKey = tuple[int, int]  # (tp_rank, pp_rank)
 EXTRA_STATE = "._extra_state"
@@ -57,18 +58,23 @@ def check_hf_keys(layout: ModelLayout, keys: Sequence[str] | set[str]) -> None:
 
 
 def stage_state_dicts(
-    layout: ModelLayout, hf: Mapping[str, torch.Tensor], pp_rank: int, tp_ranks: Sequence[int] | None = None
+    layout: ModelLayout, hf: Mapping[str, torch.Tensor], pp_rank: int, tp_ranks: Sequence[int] | None = None,
+    ep: tuple[int, int] = (0, 1),
 ) -> dict[int, dict[str, torch.Tensor]]:
     """tp_rank -> the state dict of pipeline stage ``pp_rank`` (local layer numbers, TP shard).
 
+    ``ep`` = (EP rank, EP size): an MoE stage holds only that rank's experts, numbered from 0.
     Each full tensor is built once and cut for every requested TP rank; ``hf`` is only read
-    for this stage's tensors, so a lazy mapping (:class:`HFWeights`) reads 1/pp of the files.
+    for this stage's (and EP rank's) tensors, so a lazy mapping (:class:`HFWeights`) reads
+    1/pp of the files.
     """
     tp_ranks = range(layout.tp) if tp_ranks is None else tp_ranks
     states: dict[int, dict[str, torch.Tensor]] = {t: {} for t in tp_ranks}
     for name in layout.names_of_stage(pp_rank):
+        local = local_expert_name(layout.to_local(name)[1], getattr(layout, "num_experts", 0), ep[1], ep[0])
+        if local is None:  # another EP rank's expert
+            continue
         full = layout.hf_to_megatron(name, hf)
-        local = layout.to_local(name)[1]
         for tp_rank in tp_ranks:
             # clone: a shard is a view that would keep the whole full tensor alive
             states[tp_rank][local] = shard(full, layout.split_of(name), tp_rank, layout.tp).clone()

@@ -117,6 +117,7 @@ class Family:
     qkv_bias: bool
     required: tuple[tuple[str, Any], ...]  # HF config values the mapping depends on
     qk_norm: bool = False  # RMSNorm over head_dim of each query and key head (megatron ``qk_layernorm``)
+    moe: bool = False  # every layer's MLP is a mixture of experts (:mod:`gad_megatron.models.moe`)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -131,6 +132,10 @@ FAMILIES: tuple[Family, ...] = (
     # together with biases on every linear layer (add_bias_linear): refused.
     Family("qwen3", ("qwen3",), "Qwen3", qkv_bias=False, qk_norm=True,
            required=(("hidden_act", "silu"), ("attention_bias", False), ("use_sliding_window", False))),
+    # Qwen3-MoE: Qwen3's attention, an MoE block in every layer (no dense layers in between).
+    Family("qwen3_moe", ("qwen3_moe",), "Qwen3Moe", qkv_bias=False, qk_norm=True, moe=True,
+           required=(("hidden_act", "silu"), ("attention_bias", False), ("use_sliding_window", False),
+                     ("decoder_sparse_step", 1), ("mlp_only_layers", []))),
 )  # fmt: skip
 
 
@@ -326,7 +331,7 @@ def layout_from_hf(
             raise ValueError(f"TP={tp} does not divide the {count} {what}")
     if layers % pp:
         raise ValueError(f"PP={pp} does not divide the {layers} layers")
-    return ModelLayout(
+    layout = ModelLayout(
         family=family,
         role=role,
         num_layers=layers,
@@ -342,6 +347,11 @@ def layout_from_hf(
         pp=pp,
         spec=spec,
     )
+    if family.moe:
+        from gad_megatron.models.moe import moe_layout
+
+        return moe_layout(layout, hf_config)
+    return layout
 
 
 def transformer_config_from_hf(hf_config: Any, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32,
@@ -388,6 +398,10 @@ def transformer_config_from_hf(hf_config: Any, tp: int = 1, pp: int = 1, dtype: 
         # Without CUDA, parameters are created (and initialised) on the CPU directly.
         use_cpu_initialization=not torch.cuda.is_available(),
     )
+    if layout.family.moe:
+        from gad_megatron.models.moe import moe_config_kwargs
+
+        kwargs.update(moe_config_kwargs(hf_config))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

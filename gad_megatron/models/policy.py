@@ -28,6 +28,7 @@ from gad_megatron.models.families import (
     layout_from_hf,
     transformer_config_from_hf,
 )
+from gad_megatron.models.moe import check_expert_parallel
 
 
 def use_transformer_engine() -> bool:
@@ -41,14 +42,16 @@ def use_transformer_engine() -> bool:
     return True
 
 
-def layer_spec(qk_layernorm: bool = False) -> tuple[Any, SpecNames]:
+def layer_spec(qk_layernorm: bool = False, num_experts: int | None = None) -> tuple[Any, SpecNames]:
     """The transformer layer spec for this machine and the tensor naming scheme it implies;
-    ``qk_layernorm``: with q/k norm modules (Qwen3)."""
+    ``qk_layernorm``: with q/k norm modules (Qwen3); ``num_experts``: MoE MLPs of that many
+    ``SequentialMLP`` experts (no grouped GEMM)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    moe = dict(num_experts=num_experts, moe_grouped_gemm=False)
     if use_transformer_engine():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm), "te"
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm), "local"
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm, **moe), "te"
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm, **moe), "local"
 
 
 def model_device() -> torch.device:
@@ -84,8 +87,13 @@ def build_gpt(hf_config: Any, role: Role = "policy", dtype: torch.dtype = torch.
     enable_cpu_support()  # megatron modules imported just now see the CPU bridge too
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    spec, names = layer_spec(family_of(hf_config).qk_norm)
-    layout = layout_from_hf(hf_config, tp, pp, role, names)
+    family = family_of(hf_config)
+    layout = layout_from_hf(hf_config, tp, pp, role, layer_spec()[1])
+    spec, _ = layer_spec(family.qk_norm, getattr(layout, "num_experts", None))
+    if family.moe:  # a dense model treats the expert-parallel ranks as the data-parallel ranks they are
+        ep = parallel_state.get_expert_model_parallel_world_size()
+        check_expert_parallel(layout.num_experts, ep)
+        config_overrides = {"expert_model_parallel_size": ep, **config_overrides}
     config = transformer_config_from_hf(hf_config, tp, pp, dtype, perform_initialization=initialize,
                                         **config_overrides)  # fmt: skip
     model = GPTModel(
@@ -130,7 +138,8 @@ def load_hf_weights(lm: MegatronLM, hf: Mapping[str, torch.Tensor]) -> None:
     from megatron.core import parallel_state
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    state = stage_state_dicts(lm.layout, hf, parallel_state.get_pipeline_model_parallel_rank(), [tp_rank])[tp_rank]
+    ep = (parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size())
+    state = stage_state_dicts(lm.layout, hf, parallel_state.get_pipeline_model_parallel_rank(), [tp_rank], ep)[tp_rank]
     load_rank_state(lm.model, state)
 
 

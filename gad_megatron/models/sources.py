@@ -144,10 +144,11 @@ def make_tiny_model(
     family: str = "llama",
 ) -> Path:
     """Build a tiny random causal LM (``family`` llama, tied embeddings; qwen2, untied with QKV
-    biases; or qwen3, tied with q/k norms) with a real tokenizer and chat template (for tests).
+    biases; qwen3, tied with q/k norms; or qwen3_moe, untied, 4 experts of FFN size
+    ``hidden / 2``, top-2) with a real tokenizer and chat template (for tests).
     4 heads and 2 KV heads of dimension ``hidden / 4`` (qwen3: ``hidden / 2``, not hidden / heads):
     16 at the default; ``hidden`` 256 gives 64, which vLLM's CPU attention needs."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     out_dir = Path(out_dir)
     tokenizer = load_tokenizer(tokenizer_spec)
@@ -155,6 +156,8 @@ def make_tiny_model(
         "llama": (LlamaConfig, True, {}),
         "qwen2": (Qwen2Config, False, {}),
         "qwen3": (Qwen3Config, True, {"head_dim": hidden // 2}),
+        "qwen3_moe": (Qwen3MoeConfig, False, {"head_dim": hidden // 2, "num_experts": 4, "num_experts_per_tok": 2,
+                                              "moe_intermediate_size": hidden // 2}),
     }[family]
     config = config_class(
         **extra,

@@ -25,6 +25,12 @@ How the bridge stays narrow:
   dropout forks behave as on GPU; the "CUDA generator" activation recompute saves and restores
   (``tensor_parallel.random``'s ``_get/_set_cuda_rng_state``, see :data:`RNG_FUNCTIONS`) is the
   CPU generator.
+* **MoE token dispatch**: the ``alltoall`` dispatcher copies its per-rank split sizes from the GPU
+  into numpy arrays (``maybe_move_tensor_to_cpu(..., as_numpy=True)``), which gloo's
+  ``all_to_all_single`` takes as integer lists; already on the CPU they stayed tensors, which it
+  refuses (``TypeError: all_to_all_single(): incompatible function arguments``). The dispatcher's
+  name for that helper is pointed at one that makes the same numpy copy of a CPU tensor
+  (:data:`DISPATCHER_FUNCTIONS`).
 
 ``enable_cpu_support()`` is idempotent and a no-op when CUDA is available. Call it after
 importing megatron-core modules (our builders do): modules imported later are covered by
@@ -65,6 +71,18 @@ def _set_cpu_rng_state(new_state: torch.Tensor, *_args: Any, **_kwargs: Any) -> 
 RNG_FUNCTIONS: dict[str, tuple[str, Callable[..., Any]]] = {
     "_get_cuda_rng_state": ("aa26caaa069c5c4f", _get_cpu_rng_state),
     "_set_cuda_rng_state": ("b179c9d95438b61c", _set_cpu_rng_state),
+}
+
+def _to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """``moe_utils.maybe_move_tensor_to_cpu`` as on a GPU: a tensor comes back as numpy when asked."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
+# megatron.core.transformer.moe.token_dispatcher's imported helpers -> (source hash of the
+# moe_utils function they were written against, the CPU stand-in).
+DISPATCHER_MODULE = "megatron.core.transformer.moe.token_dispatcher"
+DISPATCHER_FUNCTIONS: dict[str, tuple[str, Callable[..., Any]]] = {
+    "maybe_move_tensor_to_cpu": ("8fc5847a887d7319", _to_host),
 }
 
 _TENSOR_TYPE = torch.Tensor.type
@@ -248,6 +266,10 @@ def enable_cpu_support() -> bool:
     for name, (_sha, stand_in) in RNG_FUNCTIONS.items():
         _ORIGINALS.setdefault((mc_random.__name__, name), getattr(mc_random, name))
         setattr(mc_random, name, stand_in)
+    dispatcher = importlib.import_module(DISPATCHER_MODULE)
+    for name, (_sha, stand_in) in DISPATCHER_FUNCTIONS.items():
+        _ORIGINALS.setdefault((DISPATCHER_MODULE, name), getattr(dispatcher, name))
+        setattr(dispatcher, name, stand_in)
     if not isinstance(mc_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
         mc_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
         mc_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

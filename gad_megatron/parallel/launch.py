@@ -77,23 +77,28 @@ def detect_launch(env: dict[str, str] | None = None) -> Launch:
 
 
 def init_distributed(
-    tp: int = 1, pp: int = 1, seed: int = 0, timeout_minutes: int = 30, launch: Launch | None = None
+    tp: int = 1, pp: int = 1, seed: int = 0, timeout_minutes: int = 30, launch: Launch | None = None, ep: int = 1
 ) -> Launch:
-    """Initialise torch.distributed, megatron-core's TP/PP/DP groups and the model-parallel RNG.
+    """Initialise torch.distributed, megatron-core's TP/PP/DP/EP groups and the model-parallel RNG.
 
-    Data parallel size is ``world_size / (tp * pp)``; a layout that does not divide the world
-    raises before any group is made. Idempotent when already initialised with the same layout.
+    Data parallel size is ``world_size / (tp * pp)``. Expert parallelism (MoE models) spreads
+    each layer's experts over ``ep`` ranks carved out of those data-parallel ranks (experts keep
+    the attention's TP), so ``tp * ep * pp`` must divide the world too. A layout that does not
+    divide the world raises before any group is made. Idempotent with the same layout.
     """
     from megatron.core import parallel_state, tensor_parallel
 
     from gad_megatron.parallel.cpu import enable_cpu_support
-    from gad_megatron.parallel.mcore_fixes import apply_torch_adam_fixes
+    from gad_megatron.parallel.mcore_fixes import apply_moe_router_fix, apply_torch_adam_fixes
 
     launch = launch or detect_launch()
     if launch.world_size % (tp * pp):
         raise ValueError(
             f"world size {launch.world_size} is not a multiple of tensor x pipeline parallel = {tp} x {pp}"
         )
+    if launch.world_size % (tp * ep * pp):
+        raise ValueError(f"world size {launch.world_size} is not a multiple of tensor x expert x pipeline "
+                         f"parallel = {tp} x {ep} x {pp}")  # fmt: skip
     on_gpu = torch.cuda.is_available()
     if not torch.distributed.is_initialized():
         if on_gpu:
@@ -108,12 +113,15 @@ def init_distributed(
             timeout=timedelta(minutes=timeout_minutes),
         )
     if parallel_state.model_parallel_is_initialized():
-        if (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size()) != (tp, pp):
-            raise RuntimeError("megatron-core is already initialised with another TP x PP layout")
+        if (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_pipeline_model_parallel_world_size(),
+                parallel_state.get_expert_model_parallel_world_size()) != (tp, pp, ep):
+            raise RuntimeError("megatron-core is already initialised with another TP x PP x EP layout")
     else:
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep)
     enable_cpu_support()
     apply_torch_adam_fixes()
+    apply_moe_router_fix()
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return launch
 

@@ -1,6 +1,7 @@
-"""A fix to megatron-core 0.16.1 for its torch-optimizer path (no Apex, no Transformer Engine).
+"""Fixes to megatron-core 0.16.1 for machines without Apex or Transformer Engine (every CPU, GPUs
+without TE). Each is pinned by source hash in ``tests/test_parallel_cpu.py``.
 
-Without Apex or TE, megatron-core falls back to ``torch.optim.AdamW``, whose per-parameter
+**Torch AdamW state.** Without Apex or TE, megatron-core falls back to ``torch.optim.AdamW``, whose per-parameter
 state holds a ``step`` tensor. Loading a ``fully_reshardable`` distributed-optimizer checkpoint
 then fails in ``DistributedOptimizer._set_main_param_and_optimizer_states`` with
 ``KeyError: 'step'``: the loader skips ``step`` (restored separately from the param groups) but
@@ -19,6 +20,8 @@ import torch
 
 TARGET = ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states")
 TARGET_SHA256 = "93c254228283b2df"
+ROUTER_TARGET = ("megatron.core.transformer.moe.moe_utils", "RouterGatingLinearFunction")
+ROUTER_TARGET_SHA256 = "a34180b771b42adc"
 
 
 def apply_torch_adam_fixes() -> bool:
@@ -44,4 +47,14 @@ def apply_torch_adam_fixes() -> bool:
 
     set_states_keeping_step._keeps_step = True  # type: ignore[attr-defined]
     cls._set_main_param_and_optimizer_states = set_states_keeping_step
+    return True
+
+
+def apply_moe_router_fix() -> bool:
+    """Define ``moe_utils.te_general_gemm`` as None without TE; return whether the fix is active."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if moe_utils.HAVE_TE:
+        return False
+    moe_utils.te_general_gemm = None
     return True

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from gad_megatron.models.moe import per_expert_views
 from gad_megatron.rollout.engine import Completion, FinishReason, SamplingParams
 
 __all__ = ["TransformersEngine", "cache_keyword"]
@@ -77,7 +78,8 @@ class TransformersEngine:
         raises ``ValueError`` naming the tensor; ``generate`` then refuses to run on the
         half-loaded weights until an update succeeds.
         """
-        by_name = dict(self.model.named_parameters(remove_duplicate=False))
+        # MoE experts arrive one by one (checkpoint names): views into transformers' stacked tensors.
+        by_name = per_expert_views(dict(self.model.named_parameters(remove_duplicate=False)))
         aliases: dict[int, list[str]] = {}
         for name, param in by_name.items():
             aliases.setdefault(id(param), []).append(name)

@@ -13,6 +13,10 @@ lockstep, so no PP layout can leave a rank waiting:
 3. **PP delivery.** Engine ranks of other stages receive the bucket point to point from the
    owning stage of their own pipeline. Ranks without an engine receive nothing, and a
    data-parallel replica without any engine skips the bucket altogether.
+   MoE experts with expert parallelism (EP): every EP rank holds the same local experts'
+   shapes, so a bucket of expert tensors is planned on EP rank 0's names and gathered a second
+   time, over the EP group, into ``[ep * tp * slot]``; EP rank ``r``'s row holds its experts
+   (global numbers ``r * E/ep + local``).
 4. **Unpack.** :func:`families.gather` joins a tensor's shards and
    ``ModelLayout.megatron_to_hf`` splits QKV / gate-up and cuts the vocabulary padding: the
    name mapping lives in :mod:`gad_megatron.models.families` only.
@@ -43,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from gad_megatron.models.families import ModelLayout, Split, gather
+from gad_megatron.models.moe import global_expert_name, is_expert, local_expert_name
 from gad_megatron.models.policy import MegatronLM, model_device
 
 DEFAULT_BUCKET_BYTES = 256 << 20
@@ -68,12 +73,13 @@ class TensorPlan:
 
 @dataclass(frozen=True)
 class Bucket:
-    """Tensors of one pipeline stage and dtype, moved by one collective (per hop)."""
+    """Tensors of one pipeline stage and dtype, moved by one collective (per hop and group)."""
 
     stage: int
     dtype: torch.dtype
     tp: int
     tensors: tuple[TensorPlan, ...]
+    ep: int = 1  # expert tensors gathered over this many EP ranks (named as on EP rank 0)
 
     @property
     def slot_numel(self) -> int:
@@ -82,8 +88,8 @@ class Bucket:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the TP-gathered bucket: the flat buffer ``[tp * slot_numel]``."""
-        return self.slot_numel * self.tp * self.dtype.itemsize
+        """Bytes of the gathered bucket: the flat buffer ``[ep * tp * slot_numel]``."""
+        return self.slot_numel * self.tp * self.ep * self.dtype.itemsize
 
 
 def _pp_group() -> Any:
@@ -92,16 +98,26 @@ def _pp_group() -> Any:
     return parallel_state.get_pipeline_model_parallel_group()
 
 
+def _ep() -> tuple[int, int]:
+    """(EP rank, EP size) of this rank."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_expert_model_parallel_rank(), parallel_state.get_expert_model_parallel_world_size()
+
+
 def _stage_params(lm: MegatronLM, layout: ModelLayout) -> dict[str, torch.Tensor]:
-    """Global Megatron name -> this stage's (TP-sharded) parameter, detached."""
+    """Global Megatron name -> this stage's (TP-sharded) parameter, detached. With EP, experts
+    are named as on EP rank 0 (this rank's own experts, its local numbers)."""
     from megatron.core import parallel_state
 
     stage = parallel_state.get_pipeline_model_parallel_rank()
     params = dict(lm.model.named_parameters())
-    missing = [layout.to_local(n)[1] for n in layout.names_of_stage(stage) if layout.to_local(n)[1] not in params]
+    experts, ep = getattr(layout, "num_experts", 0), _ep()[1]
+    names = [n for n in layout.names_of_stage(stage) if local_expert_name(n, experts, ep, 0) is not None]
+    missing = [layout.to_local(n)[1] for n in names if layout.to_local(n)[1] not in params]
     if missing:
         raise ValueError(f"stage {stage} has no parameters {missing[:4]}: is lm.model the unwrapped GPTModel?")
-    return {n: params[layout.to_local(n)[1]].detach() for n in layout.names_of_stage(stage)}
+    return {n: params[layout.to_local(n)[1]].detach() for n in names}
 
 
 def plan_buckets(lm: MegatronLM, layout: ModelLayout, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[Bucket]:
@@ -109,25 +125,28 @@ def plan_buckets(lm: MegatronLM, layout: ModelLayout, bucket_bytes: int = DEFAUL
     mine = [(name, tuple(p.shape), p.dtype) for name, p in _stage_params(lm, layout).items()]
     stages: list[Any] = [None] * layout.pp
     dist.all_gather_object(stages, mine, group=_pp_group())
+    ep = _ep()[1]
     buckets: list[Bucket] = []
     for stage, tensors in enumerate(stages):
-        # One open bucket per dtype: megatron-core keeps norm weights in fp32 beside bf16 linears,
-        # and consecutive-only grouping would cut a bucket at every norm.
-        open_bucket: dict[torch.dtype, int] = {}
+        # One open bucket per dtype (and expert or not): megatron-core keeps norm weights in fp32
+        # beside bf16 linears, and consecutive-only grouping would cut a bucket at every norm.
+        open_bucket: dict[tuple[torch.dtype, int], int] = {}
         for name, shape, dtype in tensors:
             split = layout.split_of(name)
             # Shapes only (meta tensors): the mapping itself says which tensors have no HF name.
             if not layout.megatron_to_hf(name, gather([torch.empty(shape, device="meta")] * layout.tp, split)):
                 continue
-            i = open_bucket.get(dtype)
+            gathered = ep if is_expert(name) else 1
+            i = open_bucket.get((dtype, gathered))
             if split == Split.VOCAB:  # alone, so that unpacking it is a view (the largest tensors)
                 i = len(buckets)
                 buckets.append(Bucket(stage, dtype, layout.tp, ()))
-            elif i is None or (buckets[i].slot_numel + math.prod(shape)) * layout.tp * dtype.itemsize > bucket_bytes:
-                open_bucket[dtype] = i = len(buckets)
-                buckets.append(Bucket(stage, dtype, layout.tp, ()))
+            elif i is None or (buckets[i].slot_numel + math.prod(shape)) * layout.tp * gathered * dtype.itemsize \
+                    > bucket_bytes:
+                open_bucket[(dtype, gathered)] = i = len(buckets)
+                buckets.append(Bucket(stage, dtype, layout.tp, (), gathered))
             tensor = TensorPlan(name, split, shape, buckets[i].slot_numel)
-            buckets[i] = Bucket(stage, dtype, layout.tp, buckets[i].tensors + (tensor,))
+            buckets[i] = Bucket(stage, dtype, layout.tp, buckets[i].tensors + (tensor,), gathered)
     return buckets
 
 
@@ -156,16 +175,15 @@ def _all_gather_in_place(flat: torch.Tensor, mine: torch.Tensor, group: Any) -> 
     dist.all_reduce(flat, group=group)
 
 
-def _full(bucket: Bucket, t: TensorPlan, flat: torch.Tensor | None, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The full Megatron tensor ``t`` from the gathered ``flat`` [tp * slot] buffer (None: from
-    this stage's parameters), as a view wherever the layout allows."""
-    if flat is None:
+def _full(bucket: Bucket, t: TensorPlan, slots: torch.Tensor | None, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The full Megatron tensor ``t`` from one EP rank's gathered ``slots`` [tp, slot] (None:
+    from this stage's parameters), as a view wherever the layout allows."""
+    if slots is None:
         return params[t.name]
-    slots = flat.view(bucket.tp, bucket.slot_numel)
     if bucket.tp == 1:  # gather() of one shard would still copy it (torch.cat)
         return slots[0, t.offset : t.offset + t.numel].view(t.shape)
     if len(bucket.tensors) == 1 and t.split in (Split.COLUMN, Split.VOCAB):
-        return flat.view(-1, *t.shape[1:])  # split on dim 0 and alone: the slots in order are the whole
+        return slots.view(-1, *t.shape[1:])  # split on dim 0 and alone: the slots in order are the whole
     return gather([slots[r, t.offset : t.offset + t.numel].view(t.shape) for r in range(bucket.tp)], t.split)
 
 
@@ -187,18 +205,21 @@ def stream_hf_weights(
     plan = plan if plan is not None else plan_buckets(lm, layout, bucket_bytes)
     params = _stage_params(lm, layout)
     dsts = set(range(dist.get_world_size()) if dst_ranks is None else dst_ranks)
-    if not dsts & set(dist.get_process_group_ranks(parallel_state.get_model_parallel_group())):
-        return  # no engine in this data-parallel replica: nothing to gather or send
+    ep_rank, ep = _ep()
+    experts = getattr(layout, "num_experts", 0)
+    if ep == 1 and not dsts & set(dist.get_process_group_ranks(parallel_state.get_model_parallel_group())):
+        return  # no engine in this data-parallel replica: nothing to gather or send (with EP: its experts)
     me, stage = dist.get_rank(), parallel_state.get_pipeline_model_parallel_rank()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    expert_tp_rank = parallel_state.get_expert_tensor_parallel_rank()  # experts' TP group (same size)
     pipeline = dist.get_process_group_ranks(_pp_group())
     keep = me in dsts
 
     def receivers(bucket: Bucket) -> list[int]:
         return [r for r in pipeline if r in dsts and r != pipeline[bucket.stage]]
 
-    def uses_buffer(bucket: Bucket) -> bool:  # else TP = 1 and nothing to send: read the parameters
-        return (bucket.tp > 1 or bool(receivers(bucket))) if bucket.stage == stage else keep
+    def uses_buffer(bucket: Bucket) -> bool:  # else TP = EP = 1 and nothing to send: read the parameters
+        return (bucket.tp * bucket.ep > 1 or bool(receivers(bucket))) if bucket.stage == stage else keep
 
     sizes = [b.nbytes for b in plan if uses_buffer(b)]
     buffer = torch.empty(max(sizes), dtype=torch.uint8, device=model_device()) if sizes else None
@@ -211,16 +232,25 @@ def stream_hf_weights(
             assert buffer is not None
             flat = buffer[: bucket.nbytes].view(bucket.dtype)
             if owned:
-                mine = flat[tp_rank * bucket.slot_numel : (tp_rank + 1) * bucket.slot_numel]
+                row = flat.view(bucket.ep, -1)[ep_rank if bucket.ep > 1 else 0]  # this EP rank's [tp * slot]
+                rank_in_tp = expert_tp_rank if bucket.ep > 1 else tp_rank
+                mine = row[rank_in_tp * bucket.slot_numel : (rank_in_tp + 1) * bucket.slot_numel]
                 for t in bucket.tensors:
                     mine[t.offset : t.offset + t.numel].copy_(params[t.name].reshape(-1))
                 if bucket.tp > 1:
-                    _all_gather_in_place(flat, mine, parallel_state.get_tensor_model_parallel_group())
+                    tp_group = (parallel_state.get_expert_tensor_parallel_group() if bucket.ep > 1
+                                else parallel_state.get_tensor_model_parallel_group())  # fmt: skip
+                    _all_gather_in_place(row, mine, tp_group)
+                if bucket.ep > 1:
+                    _all_gather_in_place(flat, row, parallel_state.get_expert_model_parallel_group())
             if receivers(bucket):
                 _deliver(flat, owned, pipeline[bucket.stage], receivers(bucket))
         if keep:
-            for t in bucket.tensors:
-                yield from layout.megatron_to_hf(t.name, _full(bucket, t, flat, params))
+            for r in range(bucket.ep):
+                slots = None if flat is None else flat.view(bucket.ep, bucket.tp, bucket.slot_numel)[r]
+                for t in bucket.tensors:
+                    name = t.name if bucket.ep == 1 else global_expert_name(t.name, experts, bucket.ep, r)
+                    yield from layout.megatron_to_hf(name, _full(bucket, t, slots, params))
 
 
 # --- engine sync ------------------------------------------------------------------------------

@@ -103,18 +103,22 @@ def _check_before_models(cfg: RunConfig, world_size: int) -> None:
     """What the config and the models' HF configs can refuse before any weight loads."""
     from transformers import AutoConfig
 
+    from gad_megatron.models.moe import check_moe_training_layout
     from gad_megatron.models.precision import check_fp8_shapes
     from gad_megatron.models.sources import resolve_model_path
     from gad_megatron.rollout.replicas import check_rollout_layout
 
     check_rollout_layout(world_size, cfg.parallel.rollout_tensor_parallel, cfg.train.use_vllm)
     _width_multiple(cfg)
-    if _precision(cfg) == "fp8":
+    p = cfg.parallel
+    if _precision(cfg) == "fp8" or p.tensor_parallel > 1 or p.expert_parallel > 1:
         generator, d_spec = stage_models(cfg, cfg.train.stage)
         for what, spec in (("the generator", generator), ("the discriminator", d_spec)):
             if Path(spec).is_dir() or not spec.startswith((".", "/", "~")):
                 hf = AutoConfig.from_pretrained(resolve_model_path(spec), trust_remote_code=cfg.trust_remote_code)
-                check_fp8_shapes(hf, cfg.parallel.tensor_parallel, cfg.parallel.fp8_recipe, what)
+                check_moe_training_layout(hf, p.tensor_parallel, p.expert_parallel, what)
+                if _precision(cfg) == "fp8":
+                    check_fp8_shapes(hf, p.tensor_parallel, p.fp8_recipe, what)
 
 
 def check_same_tokenizer(generator_tokenizer: Any, d_spec: str, trust_remote_code: bool = False) -> None:
@@ -330,7 +334,8 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
     # bf16 on a CPU is not checked: CPU runs compute in fp32.
     check_precision_supported("fp8" if cfg.parallel.precision == "fp8" else _precision(cfg), cfg.parallel.fp8_recipe)
     preemption.install()  # before the models load, which takes the longest
-    launch = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.seed)
+    launch = init_distributed(cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel, cfg.seed,
+                              ep=cfg.parallel.expert_parallel)  # fmt: skip
     _check_before_models(cfg, launch.world_size)
     ctx, plan, records, tokenizer = build_context(cfg, stage)
     ckpt_dir = out_dir / "megatron"

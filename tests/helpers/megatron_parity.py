@@ -1,11 +1,11 @@
-"""Megatron (TP x PP) against transformers on tiny Llama (tied), Qwen2 (untied, QKV bias) and
-Qwen3 (tied, q/k norms, head_dim 32 != hidden / heads).
+"""Megatron (TP x PP x EP) against transformers on tiny Llama (tied), Qwen2 (untied, QKV bias),
+Qwen3 (tied, q/k norms, head_dim 32 != hidden / heads) and Qwen3-MoE (4 experts, top-2).
 
-    torchrun --nproc_per_node N tests/helpers/megatron_parity.py OUT.json TPxPP [TPxPP ...]
+    torchrun --nproc_per_node N tests/helpers/megatron_parity.py OUT.json TPxPP[xEP] [...]
     torchrun --nproc_per_node N tests/helpers/megatron_parity.py OUT.json --hf-dir DIR TPxPP
 
 The layouts run one after the other in the same processes (one launch, one import of
-megatron-core and transformers). Per layout and family: the policy's logits, D's scores with
+megatron-core and transformers); a layout with EP > 1 checks the MoE family only. Per layout and family: the policy's logits, D's scores with
 right and left padding, and each model exported back to HF from every rank's live state dict.
 With ``--hf-dir``: only the logits of that (real) causal LM.
 Rank 0 writes ``{layout: {check: max abs difference over ranks}}``.
@@ -22,9 +22,10 @@ import torch.distributed as dist
 from gad_megatron.evaluation.hf_discriminator import score_sequences
 from gad_megatron.models.convert import EXTRA_STATE, megatron_to_hf
 from gad_megatron.models.discriminator import build_discriminator, scores
+from gad_megatron.models.moe import globalize_experts
 from gad_megatron.models.policy import MegatronLM, build_gpt, build_policy, full_logits, load_hf_weights
 from gad_megatron.parallel.launch import init_distributed
-from tests.helpers.tiny_hf import FAMILIES, tiny_model
+from tests.helpers.tiny_hf import FAMILIES, MOE_FAMILIES, disk_state, tiny_model
 
 LENGTHS = (12, 7, 1)
 
@@ -41,22 +42,26 @@ def padded_batch(left: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def export_difference(lm: MegatronLM, hf_model: torch.nn.Module) -> float:
-    """Every rank's live state dict -> HF tensors; max abs difference to the HF model (inf if a
-    tensor is missing or extra)."""
+    """Every rank's live state dict -> HF tensors; max abs difference to the HF model's saved
+    tensors (inf if a tensor is missing or extra). Expert-parallel ranks' experts are merged."""
     from megatron.core import parallel_state
 
     local = {k: v.detach().cpu() for k, v in lm.model.state_dict().items() if not k.endswith(EXTRA_STATE)}
     key = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank())
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (key, local))
-    shards = dict(reversed(everyone))  # data-parallel replicas: any copy will do
+    dist.all_gather_object(everyone, (key, parallel_state.get_expert_model_parallel_rank(), local))
+    by_ep_rank: dict = {}
+    for rank_key, ep_rank, state in reversed(everyone):  # data-parallel replicas: any copy will do
+        by_ep_rank.setdefault(rank_key, {})[ep_rank] = state
+    experts = getattr(lm.layout, "num_experts", 0)
+    shards = {k: globalize_experts([states[e] for e in sorted(states)], experts) for k, states in by_ep_rank.items()}
     if lm.layout.tied and lm.layout.pp > 1:  # the last stage's output layer must equal the embedding
         for t in range(lm.layout.tp):
             embedding = shards[(t, 0)]["embedding.word_embeddings.weight"]
             if not torch.equal(shards[(t, lm.layout.pp - 1)]["output_layer.weight"], embedding):
                 return float("inf")
     exported = megatron_to_hf(shards, lm.layout)
-    expected = {k: v for k, v in hf_model.state_dict().items() if not (lm.layout.tied and k == "lm_head.weight")}
+    expected = {k: v for k, v in disk_state(hf_model).items() if not (lm.layout.tied and k == "lm_head.weight")}
     if exported.keys() != expected.keys():
         return float("inf")
     return max((exported[k] - v).abs().max().item() for k, v in expected.items())
@@ -79,20 +84,24 @@ def check_real_model(hf_dir: str) -> dict[str, float]:
     return logits_difference(build_policy(hf_dir), hf_model, ids)
 
 
-def check_tiny_models() -> dict[str, float]:
+def check_tiny_models(families: tuple[str, ...]) -> dict[str, float]:
+    """Inference parity: models in eval mode (megatron-core refuses MoE at TP > 1 without sequence
+    parallelism in training mode only; dense models compute the same in both, without dropout)."""
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
     right, left = padded_batch(left=False), padded_batch(left=True)
     results: dict[str, float] = {}
-    for family in FAMILIES:
+    for family in families:
         hf_policy = tiny_model(family, "policy", seed=0)
         policy = build_gpt(hf_policy.config)
-        load_hf_weights(policy, hf_policy.state_dict())
+        load_hf_weights(policy, disk_state(hf_policy))
+        policy.model.eval()
         results.update({f"{family}/{k}": v for k, v in logits_difference(policy, hf_policy, ids).items()})
         results[f"{family}/policy_export"] = export_difference(policy, hf_policy)
 
         hf_d = tiny_model(family, "discriminator", seed=1)
         d = build_discriminator(hf_d.config)
-        load_hf_weights(d, hf_d.state_dict())
+        load_hf_weights(d, disk_state(hf_d))
+        d.model.eval()
         with torch.no_grad():
             reference = score_sequences(hf_d, *right)
         got_right, got_left = scores(d, *right), scores(d, *left)
@@ -107,9 +116,10 @@ def main(out: str, layouts: list[str], hf_dir: str | None) -> None:
 
     report = {}
     for layout in layouts:
-        tp, pp = (int(x) for x in layout.split("x"))
-        init_distributed(tp, pp, seed=0)
-        mine = check_real_model(hf_dir) if hf_dir else check_tiny_models()
+        tp, pp, ep = (int(x) for x in (layout + "x1").split("x")[:3])
+        init_distributed(tp, pp, seed=0, ep=ep)
+        families = MOE_FAMILIES if ep > 1 else FAMILIES + MOE_FAMILIES
+        mine = check_real_model(hf_dir) if hf_dir else check_tiny_models(families)
         parallel_state.destroy_model_parallel()
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)

@@ -1,10 +1,11 @@
 """Weight sync from a Megatron policy (TP x PP) into a TransformersEngine on every rank.
 
-    torchrun --nproc_per_node N tests/helpers/reshard_check.py OUT_DIR TPxPP [TPxPP ...]
+    torchrun --nproc_per_node N tests/helpers/reshard_check.py OUT_DIR TPxPP[xEP] [...]
     torchrun --nproc_per_node 1 tests/helpers/reshard_check.py OUT_DIR --hf-dir DIR 1x1
 
 Per layout and model (tiny Llama with tied embeddings, tiny Qwen2 with QKV bias, tiny Qwen3 with
-q/k norms and head_dim != hidden / heads, or the real model of ``--hf-dir``), in the same processes:
+q/k norms and head_dim != hidden / heads, tiny Qwen3-MoE at TP = 1 (only it at EP > 1), or the
+real model of ``--hf-dir``), in the same processes:
 
 * sync at two bucket sizes: engine logits vs the policy's gathered logits, and the sync's
   peak extra memory (torch profiler) minus its bound ``max(bucket, largest) + largest``;
@@ -33,7 +34,7 @@ from gad_megatron.rollout.engine import SamplingParams
 from gad_megatron.rollout.hf_engine import TransformersEngine
 from gad_megatron.rollout.hf_export import export_hf
 from gad_megatron.rollout.reshard import plan_buckets, stream_hf_weights, sync_weights
-from tests.helpers.tiny_hf import FAMILIES, tiny_model
+from tests.helpers.tiny_hf import FAMILIES, MOE_FAMILIES, disk_state, tiny_model
 
 GREEDY_TOKENS = 6
 
@@ -91,7 +92,7 @@ def check_model(hf_model: Any, prompts: list[list[int]], out_dir: Path, tag: str
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     lm = build_gpt(hf_model.config)
-    load_hf_weights(lm, hf_model.state_dict())
+    load_hf_weights(lm, disk_state(hf_model))
     # As Megatron-LM's training loop: without it the schedule never all-reduces the gradients of
     # the tied embedding and its last-stage copy (PP > 1), and the two drift apart.
     lm.config.finalize_model_grads_func = finalize_model_grads
@@ -102,7 +103,7 @@ def check_model(hf_model: Any, prompts: list[list[int]], out_dir: Path, tag: str
     ids_BT = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(0))
     result: dict[str, float] = {}
 
-    largest = max(t.numel * b.tp * b.dtype.itemsize for b in plan_buckets(lm, lm.layout) for t in b.tensors)
+    largest = max(t.numel * b.tp * b.ep * b.dtype.itemsize for b in plan_buckets(lm, lm.layout) for t in b.tensors)
     for bucket in (largest // 2, 4 * largest):  # below and above the largest tensor
         stats = sync_weights(lm, None, engine, bucket, measure_memory=True)
         assert stats.peak_bytes is not None
@@ -123,7 +124,7 @@ def check_model(hf_model: Any, prompts: list[list[int]], out_dir: Path, tag: str
     result["old_vs_resynced"] = -(engine_logits(engine, ids_BT) - old_BTV).abs().max().item()  # must be < 0
 
     names = [name for name, _ in stream_hf_weights(lm, None, largest, dst_ranks=[0])]
-    expected = {k for k in hf_model.state_dict() if not (lm.layout.tied and k == "lm_head.weight")}
+    expected = {k for k in disk_state(hf_model) if not (lm.layout.tied and k == "lm_head.weight")}
     exact = sorted(names) == sorted(expected) if dist.get_rank() == 0 else not names
     result["dst0_stream_wrong"] = float(not exact)
 
@@ -157,13 +158,15 @@ def main(out_dir: str, layouts: list[str], hf_dir: str | None) -> None:
     out = Path(out_dir)
     report = {}
     for layout in layouts:
-        tp, pp = (int(x) for x in layout.split("x"))
-        init_distributed(tp, pp, seed=0)
+        tp, pp, ep = (int(x) for x in (layout + "x1").split("x")[:3])
+        init_distributed(tp, pp, seed=0, ep=ep)
         if hf_dir:
             models = {"real": AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()}
             prompts = chat_prompts(hf_dir)
         else:
-            models = {family: tiny_model(family, "policy", seed=0) for family in FAMILIES}
+            # MoE trains at TP = 1 only (megatron-core needs sequence parallelism for MoE with TP).
+            families = MOE_FAMILIES if ep > 1 else FAMILIES + (MOE_FAMILIES if tp == 1 else ())
+            models = {family: tiny_model(family, "policy", seed=0) for family in families}
             prompts = [[5, 17, 42], [7] * 9, [100, 3, 250, 11, 60]]
         mine = {f"{name}/{k}": v for name, hf in models.items()
                 for k, v in check_model(hf, prompts, out, f"{layout}-{name}").items()}  # fmt: skip
