@@ -54,37 +54,58 @@ def warmup_config(cfg: RunConfig, source: Path) -> RunConfig:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
-def run_recipe(cfg: RunConfig, out: Path, k_sampled: int, heldout: list[Any], r: Recipe) -> dict[str, Any]:
-    """A fresh D (the quickstart's warmup D), pretrained by ``r``. -> timings and accuracy per epoch."""
-    from gad_megatron.trainer.disc_pretrain import PairGroup, cached_groups, pretrain_discriminator, sample_groups
+def run_recipe(cfg: RunConfig, out: Path, k_sampled: int, val_train: int, heldout: list[Any],
+               r: Recipe) -> dict[str, Any]:  # fmt: skip
+    """A fresh D (the quickstart's warmup D), pretrained by ``r`` on the training prompts but
+    ``val_train``. -> timings and, per epoch, pair accuracy on: the test pairs (``val_acc``), those
+    whose teacher answer ends within the token budget (``val_acc_complete``), and the held-out
+    training prompts' own rollouts (``train_heldout_acc``)."""
+    from gad_megatron.trainer.disc_pretrain import (PairGroup, cached_groups, pair_accuracy_of,
+                                                    pretrain_discriminator, sample_groups, split_validation)
     from gad_megatron.trainer.run import build_context
 
     start = time.monotonic()
     ctx, _, records, _ = build_context(cfg, "warmup")
     built = time.monotonic() - start
     start = time.monotonic()
-    train = cached_groups(out / f"train_rollouts_k{k_sampled}.jsonl",
-                          lambda: sample_groups(ctx, records, k_sampled, 16))  # fmt: skip
+    everyone = cached_groups(out / f"train_rollouts_k{k_sampled}.jsonl",
+                             lambda: sample_groups(ctx, records, k_sampled, 16))  # fmt: skip
     sampled = time.monotonic() - start
-    train = [PairGroup(g.teacher_ids, g.rollout_ids[: r.k]) for g in train]
+    by_id = dict(zip((rec["id"] for rec in records), everyone))
+    fit, held = split_validation(records, val_train, cfg.seed)
+    train = [PairGroup(by_id[rec["id"]].teacher_ids, by_id[rec["id"]].rollout_ids[: r.k]) for rec in fit]
+    train_heldout = [by_id[rec["id"]] for rec in held]
+    eot = tuple(ctx.encoder.end_of_turn_ids())
+    complete = [g for g in heldout if g.teacher_ids[-len(eot):] == eot]
     rows: list[dict[str, float]] = []
+
+    def more(row: dict[str, float]) -> None:
+        row["disc_pretrain/val_acc_complete"] = pair_accuracy_of(ctx, complete)
+        if train_heldout:
+            row["disc_pretrain/train_heldout_acc"] = pair_accuracy_of(ctx, train_heldout)
+        rows.append(row)
+
     settings = DiscPretrainConfig(epochs=r.epochs, rollouts_per_prompt=r.k, batch_prompts=r.batch_prompts,
                                   learning_rate=r.lr, val_prompts=0)  # fmt: skip
-    pretrain_discriminator(ctx, train, heldout, settings, rows.append)
+    pretrain_discriminator(ctx, train, heldout, settings, more)
     return {"recipe": r.name, "epochs": r.epochs, "batch_prompts": r.batch_prompts, "lr": r.lr, "k": r.k,
-            "prompts": len(train), "build_s": built, "sample_or_read_s": sampled,
+            "prompts": len(train), "train_heldout_prompts": len(train_heldout), "complete_heldout_prompts": len(complete),
+            "build_s": built, "sample_or_read_s": sampled,
             "epochs_rows": [{k.removeprefix("disc_pretrain/"): v for k, v in row.items()} for row in rows]}  # fmt: skip
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| recipe | epochs | batch | lr | k | epoch | train loss (pre-update mean) | train acc | held-out acc | "
-             "train s | held-out s |", "|" + "---|" * 11]  # fmt: skip
+    lines = ["| recipe | epochs | batch | lr | k | epoch | train loss (pre-update mean) | train acc (pre-update mean) | "
+             "test pairs acc | test pairs, complete teacher answers | held-out training prompts acc | train s | "
+             "scoring s |", "|" + "---|" * 13]  # fmt: skip
     for r in results:
         for e in r["epochs_rows"]:
             cell = lambda key, p: "-" if key not in e else p.format(e[key])  # noqa: E731
             lines.append(f"| {r['recipe']} | {r['epochs']} | {r['batch_prompts']} | {r['lr']} | {r['k']} | "
                          f"{int(e['epoch'])} | {cell('d_loss', '{:.3f}')} | {cell('d_acc', '{:.3f}')} | "
-                         f"{cell('val_acc', '{:.3f}')} | {cell('time_train', '{:.0f}')} | {cell('time_val', '{:.0f}')} |")
+                         f"{cell('val_acc', '{:.3f}')} | {cell('val_acc_complete', '{:.3f}')} | "
+                         f"{cell('train_heldout_acc', '{:.3f}')} | {cell('time_train', '{:.0f}')} | "
+                         f"{cell('time_val', '{:.0f}')} |")
     return "\n".join(lines)
 
 
@@ -95,6 +116,7 @@ def main() -> None:
                     help="holds bench/d_warmup.py's heldout_rollouts.jsonl (sampled into it when missing)")  # fmt: skip
     ap.add_argument("--out", default="runs/d_pretrain")
     ap.add_argument("--k", type=int, default=4, help="rollouts sampled per training prompt")
+    ap.add_argument("--val-train", type=int, default=20, help="training prompts kept out of D's pretraining")
     ap.add_argument("--recipe", action="append", help="name:epochs:batch_prompts:lr:k (default: %s)"
                     % " ".join(DEFAULT_RECIPES))  # fmt: skip
     a = ap.parse_args()
@@ -110,7 +132,7 @@ def main() -> None:
     init_distributed(1, 1, cfg.seed)
     results = []
     for recipe in map(Recipe.parse, a.recipe or DEFAULT_RECIPES):
-        results.append(run_recipe(cfg, out, a.k, heldout, recipe))
+        results.append(run_recipe(cfg, out, a.k, a.val_train, heldout, recipe))
         (out / "summary.json").write_text(json.dumps({"source": str(source), "heldout_pairs": 8 * len(heldout),
                                                       "k_sampled": a.k, "results": results}, indent=1))  # fmt: skip
     print(markdown(results))
