@@ -100,6 +100,20 @@ class HackingGuardConfig(_Strict):
                        "naming the last checkpoint saved before the first alarm); off: warn and go on.")
 
 
+class DiscPretrainConfig(_Strict):
+    """D's pretraining at the start of the warmup stage: rollouts of every training prompt sampled
+    once from the starting generator, then epochs of Bradley-Terry updates on them."""
+
+    epochs: int = Field(0, ge=0, description="Passes over the cached pairs; 0 = off (the paper has no such phase).")
+    rollouts_per_prompt: int = Field(4, ge=1, description="Rollouts sampled once per training prompt.")
+    batch_prompts: int = Field(8, gt=0, description="Prompts per D update (each with all its rollouts).")
+    learning_rate: float | None = Field(None, gt=0, description="D's lr while pretraining; default: disc_learning_rate.")
+    val_prompts: int = Field(16, ge=0, description="Training prompts kept out of D's pretraining: their pair "
+                             "accuracy is logged after each epoch (disc_pretrain/val_acc) and checked by target_acc.")
+    target_acc: float | None = Field(None, gt=0.0, le=1.0, description="Stop after the first epoch whose "
+                                     "validation pair accuracy reaches this; default: run every epoch.")
+
+
 class TrainConfig(_Strict):
     """Hyper-parameters of the three training stages. Defaults are the paper's 7B settings."""
 
@@ -135,6 +149,10 @@ class TrainConfig(_Strict):
         None, gt=0.0, le=1.0, description="Warmup ends early once D's pair accuracy, averaged over the last "
         "3 steps, reaches this (max_steps and the epochs still cap it): GAD then starts from a D that tells "
         "the teacher from the student. Default: off (the paper warms up for a fixed epoch).",
+    )
+    disc_pretrain: DiscPretrainConfig = Field(
+        default_factory=DiscPretrainConfig, description="Warmup only: D trained on cached rollouts of every "
+        "training prompt before the first step. Default: off.",
     )
     freeze_discriminator: bool = Field(False, description="Off-policy ablation: D is not updated during gad.")
     hacking_guard: HackingGuardConfig = Field(

@@ -32,6 +32,7 @@ from gad_megatron.rollout.replicas import Replicas
 from gad_megatron.rollout.step import RolloutSettings
 from gad_megatron.text_encoding import TextEncoder
 from gad_megatron.trainer.actor import TRAINING_OVERRIDES, build_actor
+from gad_megatron.trainer.disc_pretrain import PRETRAIN_DIR, run_disc_pretrain
 from gad_megatron.trainer.hacking_guard import HackingGuard, RewardHackingError
 from gad_megatron.trainer.metrics import (
     MetricsLogger,
@@ -46,6 +47,7 @@ from gad_megatron.trainer.setup import (
     DEFAULT_LR,
     DISCRIMINATOR_DIR,
     StepPlan,
+    check_same_tokenizer,
     stage_dir,
     stage_models,
     training_records,
@@ -119,19 +121,6 @@ def _check_before_models(cfg: RunConfig, world_size: int) -> None:
                 check_moe_training_layout(hf, p.tensor_parallel, p.expert_parallel, what)
                 if _precision(cfg) == "fp8":
                     check_fp8_shapes(hf, p.tensor_parallel, p.fp8_recipe, what)
-
-
-def check_same_tokenizer(generator_tokenizer: Any, d_spec: str, trust_remote_code: bool = False) -> None:
-    """D reads the generator's token ids: refuse a D whose vocabulary differs (one line)."""
-    from gad_megatron.models.sources import load_tokenizer
-
-    d_vocab = load_tokenizer(d_spec, trust_remote_code).get_vocab()
-    g_vocab = generator_tokenizer.get_vocab()
-    if d_vocab != g_vocab:
-        differ = len(set(d_vocab.items()) ^ set(g_vocab.items())) // 2
-        raise ConfigError(f"train.discriminator: {d_spec} has another tokenizer than the generator ({len(d_vocab)} vs "
-                          f"{len(g_vocab)} tokens, about {differ} ids differ): D scores the generator's token ids, "
-                          "so it must come from the same model family")  # fmt: skip
 
 
 def _engine(cfg: RunConfig, hf_dir: str, tokenizer: Any, dtype: torch.dtype) -> tuple[Any | None, Replicas]:
@@ -341,7 +330,7 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
     ckpt_dir = out_dir / "megatron"
     if launch.rank == 0:
         if resume is None:  # a fresh run replaces the stage's earlier outputs
-            for old in (final, ckpt_dir, *out_dir.glob("checkpoint-*")):
+            for old in (final, ckpt_dir, out_dir / PRETRAIN_DIR, *out_dir.glob("checkpoint-*")):
                 if old.exists():
                     log.warning("%s: removing %s from an earlier run (train with --resume to continue it)", stage, old)
                     shutil.rmtree(old)
@@ -357,7 +346,12 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
     g_params = _parameter_count(ctx.g.module)
     guards = stage == "gad" and launch.rank == 0  # the guard reads rank 0's metrics and their log
     guard = HackingGuard(t.hacking_guard, logged_rows(out_dir / "metrics.jsonl", start + 1)) if guards else None
-    with MetricsLogger.open(cfg.run_dir, stage, plan.total_steps, t.report_to, launch.rank, resume_step=start + 1) as logger:
+    # resume_step 0 when starting from scratch: the step-0 rows of an earlier D pretraining go too
+    with MetricsLogger.open(cfg.run_dir, stage, plan.total_steps, t.report_to, launch.rank,
+                            resume_step=start + 1 if start else 0) as logger:  # fmt: skip
+        if stage == "warmup" and t.disc_pretrain.epochs and not start:  # resumed: done before step 1
+            run_disc_pretrain(ctx, records, t.disc_pretrain, out_dir / PRETRAIN_DIR, launch.rank, launch.world_size,
+                              lambda row: logger.log(0, row))  # fmt: skip
         for step in range(start + 1, plan.total_steps + 1):
             metrics = step_fn(ctx, [records[i] for i in plan.prompts_of(step)], step)
             metrics |= _throughput(metrics, g_params, ctx.g.lm.hf_config, launch.world_size,

@@ -79,3 +79,16 @@ def data_parallel_share(n_prompts: int, dp_rank: int, dp_size: int) -> range:
         raise ConfigError(f"train.batch_prompts={n_prompts} must be a multiple of the data-parallel size {dp_size}")
     share = n_prompts // dp_size
     return range(dp_rank * share, (dp_rank + 1) * share)
+
+
+def check_same_tokenizer(generator_tokenizer: Any, d_spec: str, trust_remote_code: bool = False) -> None:
+    """D reads the generator's token ids: refuse a D whose vocabulary differs (one line)."""
+    from gad_megatron.models.sources import load_tokenizer
+
+    d_vocab = load_tokenizer(d_spec, trust_remote_code).get_vocab()
+    g_vocab = generator_tokenizer.get_vocab()
+    if d_vocab != g_vocab:
+        differ = len(set(d_vocab.items()) ^ set(g_vocab.items())) // 2
+        raise ConfigError(f"train.discriminator: {d_spec} has another tokenizer than the generator ({len(d_vocab)} vs "
+                          f"{len(g_vocab)} tokens, about {differ} ids differ): D scores the generator's token ids, "
+                          "so it must come from the same model family")  # fmt: skip

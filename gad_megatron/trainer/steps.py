@@ -108,9 +108,16 @@ def discriminate(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout]
     the weights the previous one left (GAN practice: k critic steps); the scores returned, and
     ``d_loss``, are the first pass's, ``d_acc_after`` the pair accuracy of the last pass's.
     """
-    assert ctx.d_lm is not None
     teacher = [ctx.encoder.encode(p["prompt"], p["teacher_response"]) for p in prompts]
-    batch = build_score_batch(teacher + [list(r.d_input_ids) for r in rollouts], ctx.pad_id, ctx.width_multiple)
+    return discriminate_ids(ctx, teacher, [list(r.d_input_ids) for r in rollouts], timer)
+
+
+def discriminate_ids(ctx: StepContext, teacher: Sequence[Sequence[int]], rollouts: Sequence[Sequence[int]],
+                     timer: PhaseTimer) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """:func:`discriminate` on D's token ids: ``teacher`` [P] one sequence per prompt, ``rollouts``
+    [P x N] prompt-major, N = ``ctx.rollout.n``."""
+    assert ctx.d_lm is not None
+    batch = build_score_batch([*teacher, *rollouts], ctx.pad_id, ctx.width_multiple)
     n_p, n = len(teacher), ctx.rollout.n
     groups_GK = torch.cat([torch.arange(n_p)[:, None], n_p + torch.arange(n_p * n).view(n_p, n)], dim=1)
     grouped = group_micro_batches(batch, groups_GK, ctx.token_budget, ctx.width_multiple) if ctx.d is not None else None
@@ -120,11 +127,11 @@ def discriminate(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout]
     if ctx.d is None:
         return teacher_P, student_PN, {}
     loss = float(DISC_LOSSES[ctx.disc_loss](teacher_P, student_PN))
-    metrics = {"d_loss": _dp_mean(loss), "grad_norm_d": grad_norm}
+    metrics = {"d_loss": dp_mean(loss), "grad_norm_d": grad_norm}
     if ctx.disc_updates > 1:
         for _ in range(ctx.disc_updates - 1):
             last = _disc_pass(ctx, grouped, micro, n_p, timer)[0]
-        metrics["d_acc_after"] = _dp_mean(float(pair_accuracy(last[:n_p], last[n_p:].view(n_p, n))))
+        metrics["d_acc_after"] = dp_mean(float(pair_accuracy(last[:n_p], last[n_p:].view(n_p, n))))
     return teacher_P, student_PN, metrics
 
 
@@ -249,7 +256,7 @@ def _dp_max(value: float) -> float:
     return float(tensor.item())
 
 
-def _dp_mean(value: float) -> float:
+def dp_mean(value: float) -> float:
     return _dp_sum(value) / torch.distributed.get_world_size(_dp_group())
 
 
@@ -267,12 +274,12 @@ def _last_stage_sums(per_micro: list[dict[str, torch.Tensor]]) -> dict[str, floa
 
 def _pair_metrics(teacher_P: torch.Tensor, student_PN: torch.Tensor, advantages_PN: torch.Tensor) -> dict[str, float]:
     return {
-        "d_acc": _dp_mean(float(pair_accuracy(teacher_P, student_PN))),
-        "teacher_score": _dp_mean(float(teacher_P.mean())),
-        "student_score": _dp_mean(float(student_PN.mean())),
-        "reward_mean": _dp_mean(float(student_PN.mean())),
-        "reward_std": _dp_mean(float(student_PN.std(dim=1).mean())),
-        "adv_std": _dp_mean(float(advantages_PN.std())),
+        "d_acc": dp_mean(float(pair_accuracy(teacher_P, student_PN))),
+        "teacher_score": dp_mean(float(teacher_P.mean())),
+        "student_score": dp_mean(float(student_PN.mean())),
+        "reward_mean": dp_mean(float(student_PN.mean())),
+        "reward_std": dp_mean(float(student_PN.std(dim=1).mean())),
+        "adv_std": dp_mean(float(advantages_PN.std())),
     }
 
 
@@ -287,7 +294,7 @@ def _rollout_metrics(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Roll
     """Rollout lengths and truncated share; ``len_vs_teacher``: their mean over the teacher's on the same prompts."""
     m = rollout_metrics(rollouts)
     teacher = [_teacher_length(ctx.encoder, p["teacher_response"]) for p in prompts]
-    len_mean, teacher_len_mean = _dp_mean(m["rollout/length_mean"]), _dp_mean(sum(teacher) / max(len(teacher), 1))
+    len_mean, teacher_len_mean = dp_mean(m["rollout/length_mean"]), dp_mean(sum(teacher) / max(len(teacher), 1))
     return {"len_mean": len_mean, "len_max": _dp_max(m["rollout/length_max"]),
-            "truncated_frac": _dp_mean(m["rollout/truncated"]), "teacher_len_mean": teacher_len_mean,
+            "truncated_frac": dp_mean(m["rollout/truncated"]), "teacher_len_mean": teacher_len_mean,
             "len_vs_teacher": len_mean / max(teacher_len_mean, 1.0)}  # fmt: skip
