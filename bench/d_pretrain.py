@@ -48,9 +48,12 @@ class Recipe:
 DEFAULT_RECIPES = ("lr1e-5_b8_k4:3:8:1e-5:4",)
 
 
-def warmup_config(cfg: RunConfig, source: Path) -> RunConfig:
-    """The quickstart's warmup stage: G and D start from the SeqKD model."""
+def warmup_config(cfg: RunConfig, source: Path, discriminator: str | None) -> RunConfig:
+    """The quickstart's warmup stage: G starts from the SeqKD model, D too unless ``discriminator``
+    names another start (e.g. the student before SeqKD)."""
     update = {"stage": "warmup", "init_from": str(source / "seqkd" / "final")}
+    if discriminator:
+        update["discriminator"] = discriminator
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
@@ -116,6 +119,7 @@ def main() -> None:
                     help="holds bench/d_warmup.py's heldout_rollouts.jsonl (sampled into it when missing)")  # fmt: skip
     ap.add_argument("--out", default="runs/d_pretrain")
     ap.add_argument("--k", type=int, default=4, help="rollouts sampled per training prompt")
+    ap.add_argument("--discriminator", help="D's start (a model spec or path; default: the SeqKD model, as G)")
     ap.add_argument("--val-train", type=int, default=20, help="training prompts kept out of D's pretraining")
     ap.add_argument("--recipe", action="append", help="name:epochs:batch_prompts:lr:k (default: %s)"
                     % " ".join(DEFAULT_RECIPES))  # fmt: skip
@@ -127,7 +131,7 @@ def main() -> None:
 
     source, out = Path(a.source).resolve(), Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = warmup_config(load_config(source / "config.yaml"), source).model_copy(update={"run_dir": str(out)})
+    cfg = warmup_config(load_config(source / "config.yaml"), source, a.discriminator).model_copy(update={"run_dir": str(out)})
     heldout = [PairGroup.from_json(r) for r in heldout_rows(cfg, source, Path(a.heldout_dir).resolve(), 8)]
     init_distributed(1, 1, cfg.seed)
     results = []

@@ -64,7 +64,7 @@ def measure(engine_name: str, repeats: int, max_tokens: int, n: int, prompts: in
     steps, syncs, tokens = [], [], []
     for step in range(repeats + 1):
         t0 = time.perf_counter()
-        rollouts = rollout_step(engine, batch, encoder, encoder, settings, run_seed=0, step=step, replica=0)
+        rollouts = rollout_step(engine, batch, encoder, encoder, settings, run_seed=0, step=step, first_prompt=0)
         t1 = time.perf_counter()
         engine.update_weights(iter(weights.items()))
         t2 = time.perf_counter()

@@ -124,7 +124,7 @@ def test_state_estimate_per_rank_matches_allocated_bytes(tiny_dirs: dict[str, Pa
     """bf16 with the distributed optimizer on 2 ranks (torchrun, gloo): at DP=2 each rank's optimizer shard,
     at PP=2 each stage's parameters, the last stage's copy of Llama's tied embedding included."""
     out = tmp_path / "bytes.json"
-    run_torchrun(ROOT / "tests/helpers/planner_memory.py", 2, str(out), str(pp), "bf16", "1",
+    run_torchrun(ROOT / "tests/helpers/planner_memory.py", 2, str(out), str(pp), "1", "bf16", "1",
                  *map(str, tiny_dirs.values()))  # fmt: skip
     rows = json.loads(out.read_text())
     assert sorted((row["model"], row["stage"], row["dp"]) for row in rows) == sorted(

@@ -58,3 +58,31 @@ def test_layouts_that_do_not_divide_are_refused(tmp_path: Path, parallel: dict, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(PlanError, match=message):
         plan(parse_config(run_config(tmp_path, **parallel)), nodes, 8)
+
+
+def test_state_estimate_at_ep2_matches_allocated_bytes(tmp_path: Path) -> None:
+    """A tiny Qwen3-MoE at EP=2 on 2 ranks (torchrun, gloo), bf16 with the distributed optimizer:
+    each rank's weights, fp32 main grads and optimizer states as megatron-core allocates them
+    after an SFT step (half the experts per rank, their Adam states unsharded, the rest sharded
+    over DP=2) equal the planner's estimate to 1e-3 (the issue asks 1%). Measured 3.1e-4 on weights and
+    grads: the distributed optimizer's buffers align each parameter to 64 values and pad each bucket
+    to lcm(DP, 128) values (128 values here, two buffers: dense and expert), which the planner leaves
+    out; at a real model's size that is below 1e-6."""
+    import json
+
+    from gad_megatron.planner import load_shape
+    from tests.helpers.tiny_hf import save_tiny_model
+    from tests.helpers.torchrun import ROOT, run_torchrun
+
+    model = save_tiny_model(tmp_path / "moe", "qwen3_moe", hidden_size=128, intermediate_size=256, vocab_size=1000)
+    out = tmp_path / "bytes.json"
+    run_torchrun(ROOT / "tests/helpers/planner_memory.py", 2, str(out), "1", "2", "bf16", "1", str(model))
+    rows = json.loads(out.read_text())
+    assert [(row["stage"], row["dp"]) for row in rows] == [(0, 2), (0, 2)]
+    shape = load_shape(str(model))
+    one_rank = state_bytes(shape, "policy", ParallelConfig(precision="bf16", expert_parallel=2), 2, 0)
+    whole = state_bytes(shape, "policy", ParallelConfig(precision="bf16"), 2, 0)
+    assert one_rank["weights"] < whole["weights"], "EP=2 holds half the experts"
+    for row in rows:
+        measured = {key: row[key] for key in ("weights", "grads", "optimizer")}
+        assert measured == pytest.approx(one_rank, rel=1e-3), row

@@ -93,7 +93,7 @@ def test_rollouts_are_reencoded_like_teacher_text(encoder: TextEncoder) -> None:
     assert metrics == {"rollout/length_mean": 4.5, "rollout/length_max": 6.0, "rollout/truncated": 0.5}
 
 
-def test_rollout_seed_is_a_stable_function_of_seed_step_rank() -> None:
+def test_rollout_seed_is_a_stable_function_of_seed_step_prompt() -> None:
     assert rollout_seed(7, 3, 0) == 8325274931591043551  # pinned: a resumed run must sample the same
     assert len({rollout_seed(7, s, r) for s in range(4) for r in range(4)} | {rollout_seed(8, 0, 0)}) == 17
 
@@ -101,10 +101,10 @@ def test_rollout_seed_is_a_stable_function_of_seed_step_rank() -> None:
 def test_rollout_step_reproducible_across_resume(engine: TransformersEngine, encoder: TextEncoder,
                                                  tiny_model_dir: Path) -> None:  # fmt: skip
     settings = RolloutSettings(n=3, max_tokens=6, temperature=1.0)
-    first = rollout_step(engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=3, replica=0)
+    first = rollout_step(engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=3, first_prompt=0)
     resumed_engine = TransformersEngine.from_pretrained(str(tiny_model_dir))  # a fresh process, same weights
-    resumed = rollout_step(resumed_engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=3, replica=0)
-    next_step = rollout_step(engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=4, replica=0)
+    resumed = rollout_step(resumed_engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=3, first_prompt=0)
+    next_step = rollout_step(engine, PROMPTS, encoder, encoder, settings, run_seed=7, step=4, first_prompt=0)
     assert resumed == first and next_step != first
     assert [r.prompt_index for r in first] == [0, 0, 0, 1, 1, 1]
     for r in first:

@@ -250,3 +250,29 @@ def test_sleep_without_weights_refuses_generate_until_an_update(tiny_model_dir: 
         engine.generate(prompts, sampling)
     engine.update_weights(engine.model.named_parameters())
     assert [c.token_ids for c in engine.generate(prompts, sampling)] == [c.token_ids for c in before]
+
+
+def test_prompt_seeds_make_a_prompts_completions_independent_of_the_batch(
+    engine: TransformersEngine, prompts: list[list[int]]
+) -> None:
+    """What lets any split of a step over engine replicas (1 process, DP, EP) sample the same: with
+    its own seed a prompt gets the same completions alone, with other prompts, or in another
+    micro-batch; its n samples differ from one another."""
+    assert len(prompts) >= 2
+    seeds = tuple(100 + i for i in range(len(prompts)))
+
+    def sample(ids: list[list[int]], own: tuple[int, ...]) -> list[list[int]]:
+        sampling = SamplingParams(max_tokens=MAX_TOKENS, n=2, prompt_seeds=own)
+        return [c.token_ids for c in engine.generate(ids, sampling)]
+
+    together = sample(prompts, seeds)
+    last_alone = sample(prompts[-1:], seeds[-1:])
+    assert together[-2:] == last_alone and together[-2] != together[-1]
+    engine.max_batch_size, before = 1, engine.max_batch_size
+    try:
+        assert sample(prompts, seeds) == together
+    finally:
+        engine.max_batch_size = before
+    assert sample(prompts[-1:], (999,)) != last_alone
+    with pytest.raises(ValueError, match="1 prompt seeds for 2 prompts"):
+        engine.generate(prompts[:2], SamplingParams(max_tokens=2, prompt_seeds=(1,)))

@@ -45,23 +45,23 @@ def report(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> li
 
 def test_a_replica_spanning_data_parallel_ranks_gets_one_share(report: list[dict]) -> None:
     """vLLM TP 2 over a trainer at DP 4: ranks 0-1 and 2-3 are replicas; each replica's ranks sample
-    the same prompts with the same replica index (its seed); every prompt once; each rank then
-    holds its own DP share's rollouts, in prompt order."""
+    the same prompts; every prompt once; each rank then holds its own DP share's rollouts, in
+    prompt order."""
     calls = [r["vllm_tp2_dp4"]["calls"] for r in report]
-    assert calls[0] == calls[1] == [[[0, 1, 2], 0]] and calls[2] == calls[3] == [[[3, 4, 5], 1]]
+    assert calls[0] == calls[1] == [[0, 1, 2]] and calls[2] == calls[3] == [[3, 4, 5]]
     for rank, r in enumerate(report):
         layout = r["vllm_tp2_dp4"]
-        expected_replica = 0 if max(layout["keep"]) < 3 else 1
-        assert layout["got"] == [[i, p, expected_replica] for i, p in enumerate(layout["keep"])], rank
+        share_start = 0 if max(layout["keep"]) < 3 else 3
+        assert layout["got"] == [[i, p, share_start] for i, p in enumerate(layout["keep"])], rank
 
 
 def test_replicas_of_one_rank_split_the_prompts_not_duplicate_them(report: list[dict]) -> None:
     calls = [r["vllm_tp1_dp2"]["calls"] for r in report]
-    assert calls == [[[[0, 1], 0]], [[[2, 3], 1]], [[[4], 2]], [[[5], 3]]]
+    assert calls == [[[0, 1]], [[2, 3]], [[4]], [[5]]]
     for r in report:
         assert [g[1] for g in r["vllm_tp1_dp2"]["got"]] == r["vllm_tp1_dp2"]["keep"]
     hf = [r["hf_leaders_dp2"]["calls"] for r in report]
-    assert hf == [[[[0, 1, 2], 0]], [], [[[3, 4, 5], 1]], []]  # only the engine ranks generate
+    assert hf == [[[0, 1, 2]], [], [[3, 4, 5]], []]  # only the engine ranks generate
 
 
 def test_diverging_replica_ranks_stop_the_step(report: list[dict]) -> None:

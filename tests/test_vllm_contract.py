@@ -190,9 +190,10 @@ class FakeLLM:
     def generate(self, *args: Any, **kwargs: Any) -> list[Any]:
         arguments = _bind("LLM.generate", self, *args, **kwargs)
         assert not self.asleep, f"generate while {self.asleep} asleep"
-        params = arguments["sampling_params"].values
+        params = arguments["sampling_params"]
+        assert isinstance(params, list) and len(params) == len(arguments["prompts"]), "one SamplingParams per request"
         self.calls.append(("generate", arguments))
-        return [self._request(prompt, params) for prompt in arguments["prompts"]]
+        return [self._request(prompt, p.values) for prompt, p in zip(arguments["prompts"], params)]
 
     @staticmethod
     def _request(prompt: dict[str, Any], params: dict[str, Any]) -> Any:
@@ -314,9 +315,14 @@ def test_generate_maps_outputs_by_prompt(fake_vllm: types.ModuleType, model_dir:
     sampling = SamplingParams(max_tokens=4, temperature=0.8, stop_token_ids=(12,), seed=5, n=2)
     out = engine.generate([[1, 2, 10], [7]], sampling)
 
-    params = llm.calls[-1][1]["sampling_params"].values
-    assert params == {"n": 2, "temperature": 0.8, "top_p": 1.0, "max_tokens": 4, "stop_token_ids": [12],
-                      "ignore_eos": True, "seed": 5, "logprobs": 0, "detokenize": False}
+    params = [p.values for p in llm.calls[-1][1]["sampling_params"]]
+    common = {"n": 2, "temperature": 0.8, "top_p": 1.0, "max_tokens": 4, "stop_token_ids": [12], "ignore_eos": True,
+              "logprobs": 0, "detokenize": False}  # fmt: skip
+    assert params == [{**common, "seed": sampling.seed_of(0)}, {**common, "seed": sampling.seed_of(1)}]
+    assert params[0]["seed"] != params[1]["seed"], "each request its own seed"
+    own = SamplingParams(max_tokens=4, temperature=0.8, stop_token_ids=(12,), n=2, prompt_seeds=(41, 42))
+    engine.generate([[1, 2, 10], [7]], own)
+    assert [p.values["seed"] for p in llm.calls[-1][1]["sampling_params"]] == [41, 42]
     assert llm.calls[-1][1]["prompts"] == [{"prompt_token_ids": [1, 2, 10]}, {"prompt_token_ids": [7]}]
     assert [(c.prompt_index, c.token_ids, c.finish_reason) for c in out] == [
         (0, [11, 12], "stop"), (0, [21, 22, 23, 24], "length"),
@@ -330,7 +336,7 @@ def test_greedy_with_n_repeats_each_prompt(fake_vllm: types.ModuleType, model_di
     engine, llm = _engine(model_dir)
     engine.update_weights(_stream())
     out = engine.generate([[1], [5]], SamplingParams(max_tokens=2, temperature=0, n=3))
-    assert llm.calls[-1][1]["sampling_params"].values["n"] == 1
+    assert [p.values["n"] for p in llm.calls[-1][1]["sampling_params"]] == [1] * 6
     assert [c.prompt_index for c in out] == [0, 0, 0, 1, 1, 1]
     assert [c.token_ids for c in out[:3]] == [[2, 3]] * 3
 

@@ -8,6 +8,7 @@ engines free their memory with ``sleep()`` while the trainer runs and get it bac
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
@@ -23,7 +24,9 @@ class SamplingParams:
 
     ``stop_token_ids`` end a completion (the chat template's end-of-turn, the tokenizer's eos);
     the stop token is kept in ``token_ids``. ``seed`` makes sampling reproducible: the same
-    prompts, weights and seed give the same completions.
+    prompts, weights and seed give the same completions. ``prompt_seeds`` (one per prompt, in
+    place of ``seed``) make each prompt's completions depend on its own seed alone, not on the
+    other prompts of the call: any split of a batch over engine replicas samples the same.
     """
 
     max_tokens: int
@@ -32,6 +35,30 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     n: int = 1
+    prompt_seeds: tuple[int, ...] | None = None
+
+    def check(self, prompt_token_ids: list[list[int]]) -> None:
+        """Refuse parameters no engine honours, an empty prompt, or ``prompt_seeds`` of another length."""
+        if self.max_tokens < 1 or self.n < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid sampling parameters: {self}")
+        if self.prompt_seeds is not None and len(self.prompt_seeds) != len(prompt_token_ids):
+            raise ValueError(f"generate: {len(self.prompt_seeds)} prompt seeds for {len(prompt_token_ids)} prompts")
+        for i, ids in enumerate(prompt_token_ids):
+            if not ids:
+                raise ValueError(f"generate: prompt {i} is empty")
+
+    def seed_of(self, prompt: int) -> int | None:
+        """The seed of prompt ``prompt``'s completions: its own, else one derived from the call's
+        seed and the prompt's position (None: unseeded)."""
+        if self.prompt_seeds is not None:
+            return self.prompt_seeds[prompt]
+        return None if self.seed is None else mixed_seed(self.seed, prompt)
+
+
+def mixed_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes; different parts give unrelated seeds."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 It runs its own sampling loop over the model's KV cache instead of ``model.generate`` so that
 the returned log-probs are exactly the distribution each token was drawn from, and so that the
-randomness comes from a local ``torch.Generator``: a seed reproduces the completions whatever
-else used the global RNG in the process.
+randomness comes from local ``torch.Generator``s, one per completion: a seed reproduces the
+completions whatever else used the global RNG in the process or shares the batch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from gad_megatron.models.moe import per_expert_views
-from gad_megatron.rollout.engine import Completion, FinishReason, SamplingParams
+from gad_megatron.rollout.engine import Completion, FinishReason, SamplingParams, mixed_seed
 
 __all__ = ["TransformersEngine", "cache_keyword"]
 
@@ -115,19 +115,17 @@ class TransformersEngine:
     @torch.inference_mode()
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         """``sampling.n`` completions per prompt, grouped by prompt in prompt order."""
-        _validate(prompt_token_ids, sampling)
+        sampling.check(prompt_token_ids)
         if self._weights_invalid:
             raise RuntimeError("generate: the engine holds no valid weights (none loaded yet, a failed update_weights, "
                                "or sleep(keep_weights=False) since the last update)")  # fmt: skip
         rows = [ids for ids in prompt_token_ids for _ in range(sampling.n)]
-        generator = torch.Generator(self.device)
-        if sampling.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(sampling.seed)
+        generators = [_row_generator(self.device, sampling.seed_of(i // sampling.n), i % sampling.n)
+                      for i in range(len(rows))]  # fmt: skip
         results: list[tuple[list[int], list[float], FinishReason]] = []
         for start in range(0, len(rows), self.max_batch_size):
-            results += self._decode(rows[start : start + self.max_batch_size], sampling, generator)
+            chunk = slice(start, start + self.max_batch_size)
+            results += self._decode(rows[chunk], sampling, generators[chunk])
         return [
             Completion(
                 prompt_index=i // sampling.n,
@@ -140,9 +138,10 @@ class TransformersEngine:
         ]
 
     def _decode(
-        self, prompts: list[list[int]], sampling: SamplingParams, generator: torch.Generator
+        self, prompts: list[list[int]], sampling: SamplingParams, generators: list[torch.Generator]
     ) -> list[tuple[list[int], list[float], FinishReason]]:
-        """Sample one completion per prompt: prefill the left-padded batch, then one token per step."""
+        """Sample one completion per prompt, ``generators[i]`` drawing prompt i's tokens: prefill
+        the left-padded batch, then one token per step."""
         from transformers import DynamicCache
 
         width = max(map(len, prompts))
@@ -162,7 +161,7 @@ class TransformersEngine:
                 input_ids=input_ids_BT, attention_mask=mask_BT, position_ids=positions_BT,
                 use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache},
             )
-            token_B, logprob_B = _sample(out.logits[:, -1].float(), sampling, generator)
+            token_B, logprob_B = _sample(out.logits[:, -1].float(), sampling, [generators[r] for r in rows_B.tolist()])
             stopped_B = torch.isin(token_B, stop_ids)
             for row, token, logprob, stopped in zip(rows_B.tolist(), token_B.tolist(), logprob_B.tolist(), stopped_B.tolist()):
                 tokens[row].append(token)
@@ -194,19 +193,23 @@ class TransformersEngine:
         """No-op, see ``sleep``."""
 
 
-def _validate(prompt_token_ids: list[list[int]], sampling: SamplingParams) -> None:
-    if sampling.max_tokens < 1 or sampling.n < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-        raise ValueError(f"invalid sampling parameters: {sampling}")
-    for i, ids in enumerate(prompt_token_ids):
-        if not ids:
-            raise ValueError(f"generate: prompt {i} is empty")
+def _row_generator(device: torch.device | str, seed: int | None, sample: int) -> torch.Generator:
+    """The generator of one completion: sample ``sample`` of a prompt whose completions are
+    seeded by ``seed`` (None: a random seed)."""
+    generator = torch.Generator(device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(mixed_seed(seed, sample))
+    return generator
 
 
 def _sample(
-    logits_BV: torch.Tensor, sampling: SamplingParams, generator: torch.Generator
+    logits_BV: torch.Tensor, sampling: SamplingParams, generators: list[torch.Generator]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token ``token_B`` and its log-prob ``logprob_B`` under ``log_softmax(logits / T)``
-    (T = 1 when greedy), taken before top-p truncation as the trainer recomputes it."""
+    (T = 1 when greedy), taken before top-p truncation as the trainer recomputes it. Row b draws
+    from ``generators[b]`` alone, so a completion does not depend on the rest of the batch."""
     if sampling.temperature == 0:
         logp_BV = logits_BV.log_softmax(-1)
         token_B = logits_BV.argmax(-1)
@@ -215,7 +218,7 @@ def _sample(
         probs_BV = logp_BV.exp()
         if sampling.top_p < 1:
             probs_BV = _top_p(probs_BV, sampling.top_p)
-        token_B = torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+        token_B = torch.cat([torch.multinomial(p_V, 1, generator=g) for p_V, g in zip(probs_BV, generators)])
     return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(1)
 
 

@@ -10,8 +10,9 @@ prompts and no prompt is generated twice, whatever the two layouts (the paper's:
 vLLM TP=2). After generation each replica's first rank shares its rollouts with every rank
 (one object all-gather), and each rank keeps those of its own data-parallel share.
 
-Sampling is seeded by ``(run seed, step, replica index)``: a run resumed at step ``s`` samples
-what the original run sampled at ``s`` in the same layout (given the same weights).
+Sampling is seeded per prompt, by ``(run seed, step, prompt index)``: the rollouts of a step do not
+depend on how many replicas share it, so one process, a data- or expert-parallel job, and a run
+resumed at another layout sample the same (given the same weights).
 """
 
 from __future__ import annotations
@@ -63,12 +64,12 @@ def check_rollout_layout(world_size: int, rollout_tensor_parallel: int, use_vllm
 
 
 def generate_for_step(
-    replicas: Replicas, n_prompts: int, generate: Callable[[range, int], list[Rollout]],
+    replicas: Replicas, n_prompts: int, generate: Callable[[range], list[Rollout]],
     keep: range,
 ) -> list[Rollout]:  # fmt: skip
     """Run this rank's replica on its share and return the rollouts of prompts ``keep``.
 
-    ``generate(share, replica_index)`` samples the prompts ``share`` (indices into the step's
+    ``generate(share)`` samples the prompts ``share`` (indices into the step's
     prompts) and returns their rollouts with ``prompt_index`` into ``share``; every rank of a
     replica calls it, and every rank of the job calls this function (a collective). Returned
     rollouts are grouped by prompt in prompt order, ``prompt_index`` into ``keep``.
@@ -79,7 +80,7 @@ def generate_for_step(
     digest = None
     if index is not None:
         share = replicas.share(n_prompts, index)
-        rollouts = generate(share, index) if len(share) else []
+        rollouts = generate(share) if len(share) else []
         digest = _digest(rollouts)
         if rank == replicas.groups[index][0]:
             mine = [replace(r, prompt_index=share[r.prompt_index]) for r in rollouts]

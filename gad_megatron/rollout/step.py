@@ -6,9 +6,9 @@ text re-encoded by :meth:`TextEncoder.encode` exactly like the teacher's text (s
 template, ``response.strip()``, same end-of-turn; see docs/decisions.md "Text path"). A
 completion cut by the token budget gets no end-of-turn, like a teacher response that fills it.
 
-Sampling is seeded from ``(run seed, step, replica)``, so a run resumed at step ``s`` samples the
-same rollouts as the original run did at ``s`` (given the same weights); every rank of one engine
-replica gets the same seed (:mod:`gad_megatron.rollout.replicas`).
+Each prompt's rollouts are seeded from ``(run seed, step, the prompt's index in the step)``: a run
+resumed at step ``s`` samples what the original run sampled at ``s`` (given the same weights),
+whatever the number of engine replicas the step's prompts are split over, before or after.
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ class Rollout:
         return len(self.token_ids)
 
 
-def rollout_seed(run_seed: int, step: int, replica: int) -> int:
+def rollout_seed(run_seed: int, step: int, prompt: int) -> int:
     """A 63-bit sampling seed, a pure function of its arguments (stable across processes and
-    Python versions, unlike ``hash``), different for every step and engine replica."""
-    digest = hashlib.blake2b(f"gad-rollout:{run_seed}:{step}:{replica}".encode(), digest_size=8).digest()
+    Python versions, unlike ``hash``), different for every step and prompt of the step."""
+    digest = hashlib.blake2b(f"gad-rollout:{run_seed}:{step}:{prompt}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
 
 
@@ -75,10 +75,10 @@ def stop_token_ids(encoder: TextEncoder) -> tuple[int, ...]:
     return tuple(dict.fromkeys(t for t in candidates if t is not None))
 
 
-def sampling_params(settings: RolloutSettings, encoder: TextEncoder, seed: int) -> SamplingParams:
+def sampling_params(settings: RolloutSettings, encoder: TextEncoder, prompt_seeds: tuple[int, ...]) -> SamplingParams:
     return SamplingParams(
         max_tokens=settings.max_tokens, temperature=settings.temperature, top_p=settings.top_p,
-        stop_token_ids=stop_token_ids(encoder), seed=seed, n=settings.n,
+        stop_token_ids=stop_token_ids(encoder), n=settings.n, prompt_seeds=prompt_seeds,
     )  # fmt: skip
 
 
@@ -94,9 +94,10 @@ def to_rollout(completion: Completion, prompt: Messages, d_encoder: TextEncoder)
 
 def rollout_step(
     engine: InferenceEngine, prompts: Sequence[Messages], policy_encoder: TextEncoder, d_encoder: TextEncoder,
-    settings: RolloutSettings, run_seed: int, step: int, replica: int,
+    settings: RolloutSettings, run_seed: int, step: int, first_prompt: int,
 ) -> list[Rollout]:  # fmt: skip
-    """``settings.n`` rollouts per prompt, grouped by prompt in prompt order.
+    """``settings.n`` rollouts per prompt, grouped by prompt in prompt order; ``prompts`` are the
+    step's prompts from index ``first_prompt`` on (a replica's share), which seeds each one.
 
     ``policy_encoder`` renders the prompts for the engine (the policy's chat template) and
     gives the stop tokens; ``d_encoder`` re-encodes each completion's text for D.
@@ -107,7 +108,8 @@ def rollout_step(
             f"max_response_length={d_encoder.max_response_length}: teacher and rollouts would be cut differently"
         )
     prompt_ids = [policy_encoder.prompt_ids(p) for p in prompts]
-    params = sampling_params(settings, policy_encoder, rollout_seed(run_seed, step, replica))
+    seeds = tuple(rollout_seed(run_seed, step, first_prompt + i) for i in range(len(prompts)))
+    params = sampling_params(settings, policy_encoder, seeds)
     completions = engine.generate(prompt_ids, params)
     return [to_rollout(c, prompts[c.prompt_index], d_encoder) for c in completions]
 

@@ -137,15 +137,11 @@ def _refresh_tied_output_layer(model: Any) -> None:
 
 
 def _check(prompt_token_ids: list[list[int]], sampling: SamplingParams) -> None:
-    if sampling.max_tokens < 1 or sampling.n < 1 or sampling.temperature < 0 or not 0 < sampling.top_p <= 1:
-        raise ValueError(f"invalid sampling parameters: {sampling}")
+    sampling.check(prompt_token_ids)
     if sampling.top_p < 1 and sampling.temperature > 0:
         raise ValueError(
             f"top_p={sampling.top_p}: the vLLM engine returns log-probs before top-p truncation only at top_p=1"
         )
-    for i, ids in enumerate(prompt_token_ids):
-        if not ids:
-            raise ValueError(f"generate: prompt {i} is empty")
 
 
 class VLLMEngine:
@@ -241,17 +237,21 @@ class VLLMEngine:
         # vLLM refuses n > 1 with greedy decoding: send each prompt n times instead.
         per_request = 1 if sampling.temperature == 0 else sampling.n
         repeats = sampling.n // per_request
-        params = self._vllm.SamplingParams(
-            n=per_request,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_tokens=sampling.max_tokens,
-            stop_token_ids=list(sampling.stop_token_ids),
-            ignore_eos=True,
-            seed=sampling.seed,
-            logprobs=0,  # the sampled token's log-prob only
-            detokenize=False,
-        )
+        params = [
+            self._vllm.SamplingParams(
+                n=per_request,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                stop_token_ids=list(sampling.stop_token_ids),
+                ignore_eos=True,
+                seed=sampling.seed_of(p),  # per request: its samples do not depend on the rest of the batch
+                logprobs=0,  # the sampled token's log-prob only
+                detokenize=False,
+            )
+            for p in range(len(prompt_token_ids))
+            for _ in range(repeats)
+        ]
         prompts = [
             self._vllm.TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids for _ in range(repeats)
         ]

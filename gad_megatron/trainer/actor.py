@@ -53,6 +53,7 @@ def build_actor(lm: MegatronLM, lr: float, clip_grad: float, distributed_optimiz
     config = lm.model.config
     if not config.calculate_per_token_loss:
         raise ValueError("build the model with trainer.actor.TRAINING_OVERRIDES (calculate_per_token_loss=True)")
+    separate_expert_parameters(lm.model)
     ddp = DistributedDataParallel(
         config, DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer,
                                               grad_reduce_in_fp32=True), lm.model,
@@ -69,6 +70,18 @@ def build_actor(lm: MegatronLM, lr: float, clip_grad: float, distributed_optimiz
     )  # fmt: skip
     use_fused_torch_adam(optimizer)
     return Actor(lm, ddp, optimizer, lr)
+
+
+def separate_expert_parameters(model: torch.nn.Module) -> int:
+    """Give MoE experts their own gradient buffers and optimizer at every EP size, as megatron-core
+    does only at EP > 1 (it marks expert weights ``allreduce = False`` there). At EP = 1 the expert
+    data-parallel group is the data-parallel group, so the update is the same; what changes is
+    that a checkpoint's optimizer has the same two parts (dense, experts) at any EP and resumes
+    across EP sizes. -> the number of expert parameters marked."""
+    experts = [p for name, p in model.named_parameters() if ".mlp.experts." in name]
+    for param in experts:
+        param.allreduce = False
+    return len(experts)
 
 
 def use_fused_torch_adam(optimizer: Any) -> int:

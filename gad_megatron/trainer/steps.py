@@ -85,10 +85,10 @@ def generate(ctx: StepContext, prompts: Prompts, step: int, reload_follows: bool
     with the step, dropping its weights when ``reload_follows`` (a weight sync comes before the
     next generation)."""
 
-    def run(share: range, replica: int) -> list[Rollout]:
+    def run(share: range) -> list[Rollout]:
         assert ctx.engine is not None
         return rollout_step(ctx.engine, [prompts[i]["prompt"] for i in share], ctx.encoder, ctx.encoder, ctx.rollout,
-                            ctx.seed, step, replica)  # fmt: skip
+                            ctx.seed, step, share.start)  # fmt: skip
 
     rollouts = generate_for_step(ctx.replicas, len(prompts), run, ctx.dp_share(len(prompts)))
     if ctx.engine is not None:

@@ -1,6 +1,6 @@
 """Bytes of weights, fp32 main gradients and optimizer states megatron-core allocates on each rank.
 
-    torchrun --nproc_per_node 2 tests/helpers/planner_memory.py OUT.json PP PRECISION DISTRIBUTED MODEL_DIR...
+    torchrun --nproc_per_node 2 tests/helpers/planner_memory.py OUT.json PP EP PRECISION DISTRIBUTED MODEL_DIR...
 
 Every rank builds each model as the trainer does (``build_policy`` with the training and
 precision overrides, ``build_actor``), takes one SFT step (Adam allocates its moments on the
@@ -68,12 +68,12 @@ def train_and_measure(model_dir: str | Path, precision: str, distributed_optimiz
     return allocated_state_bytes(actor)
 
 
-def main(out: str, pp: str, precision: str, distributed: str, *model_dirs: str) -> None:
+def main(out: str, pp: str, ep: str, precision: str, distributed: str, *model_dirs: str) -> None:
     from megatron.core import parallel_state
 
     from gad_megatron.parallel.launch import destroy_distributed, init_distributed
 
-    init_distributed(tp=1, pp=int(pp), seed=0)
+    init_distributed(tp=1, pp=int(pp), seed=0, ep=int(ep))
     where = {"stage": parallel_state.get_pipeline_model_parallel_rank(),
              "dp": parallel_state.get_data_parallel_world_size()}  # fmt: skip
     rows = [{"model": d, **where, **train_and_measure(d, precision, distributed == "1")} for d in model_dirs]

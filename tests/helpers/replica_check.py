@@ -3,8 +3,8 @@
     torchrun --nproc_per_node 4 tests/helpers/replica_check.py OUT.json
 
 For several (engine ranks, replica size, data-parallel size) layouts, every rank runs
-:func:`generate_for_step` with a recording ``generate`` whose rollouts encode (prompt, replica
-seed); then :func:`gad_megatron.trainer.steps.generate` with a recording engine, to see when it
+:func:`generate_for_step` with a recording ``generate`` whose rollouts encode (prompt, first prompt
+of the share); then :func:`gad_megatron.trainer.steps.generate` with a recording engine, to see when it
 sleeps. Rank 0 writes what every rank saw; the test asserts on it.
 """
 
@@ -23,8 +23,8 @@ from gad_megatron.rollout.step import Rollout, RolloutSettings
 N_PROMPTS = 6
 
 
-def fake_rollout(prompt: int, share_index: int, replica: int) -> Rollout:
-    return Rollout(share_index, (prompt, replica), (0.0, 0.0), f"p{prompt}", False, (prompt,))
+def fake_rollout(prompt: int, share_index: int, first: int) -> Rollout:
+    return Rollout(share_index, (prompt, first), (0.0, 0.0), f"p{prompt}", False, (prompt,))
 
 
 def run_layout(engine_ranks: list[int], size: int, dp_size: int, diverge: bool = False) -> dict[str, Any]:
@@ -32,10 +32,10 @@ def run_layout(engine_ranks: list[int], size: int, dp_size: int, diverge: bool =
     rank = dist.get_rank()
     calls: list[Any] = []
 
-    def generate(share: range, replica: int) -> list[Rollout]:
-        calls.append([list(share), replica])
+    def generate(share: range) -> list[Rollout]:
+        calls.append(list(share))
         salt = rank if diverge else 0  # a replica whose ranks sample differently
-        return [fake_rollout(p + salt, i, replica) for i, p in enumerate(share)]
+        return [fake_rollout(p + salt, i, share.start) for i, p in enumerate(share)]
 
     share = N_PROMPTS // dp_size
     dp_rank = rank % dp_size

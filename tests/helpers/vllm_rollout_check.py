@@ -85,8 +85,8 @@ def rollouts(engine: VLLMEngine, replicas: Replicas, encoder: TextEncoder, tempe
              n: int, record: dict[str, Any]) -> list[Rollout]:  # fmt: skip
     settings = RolloutSettings(n=n, max_tokens=MAX_TOKENS, temperature=temperature)
 
-    def run(share: range, replica: int) -> list[Rollout]:
-        out = rollout_step(engine, [PROMPTS[i] for i in share], encoder, encoder, settings, 0, 1, replica)
+    def run(share: range) -> list[Rollout]:
+        out = rollout_step(engine, [PROMPTS[i] for i in share], encoder, encoder, settings, 0, 1, share.start)
         record.setdefault("prompts", []).extend(share)
         record.setdefault("tokens", []).append([list(r.token_ids) for r in out])
         return out
