@@ -35,10 +35,10 @@ def _vllm() -> None:
 def head64_models(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Path]:
     """Tiny random Llama (tied) and Qwen2 (untied, QKV biases), head dimension 64 (vLLM's CPU
     attention refuses 16), and Qwen3 (tied, q/k norms, head dimension 128 != 256 / 4), SmolLM2's
-    tokenizer."""
+    tokenizer; and Qwen3-MoE (4 experts, top 2)."""
     root = tmp_path_factory.mktemp("head64")
     return {family: make_tiny_model(root / family, str(tiny_model_dir), hidden=256, seed=i, family=family)
-            for i, family in enumerate(("llama", "qwen2", "qwen3"))}  # fmt: skip
+            for i, family in enumerate(("llama", "qwen2", "qwen3", "qwen3_moe"))}  # fmt: skip
 
 
 def check(model: Path | str, out: Path, nproc: int, *layout: str) -> dict:
@@ -52,6 +52,12 @@ def check(model: Path | str, out: Path, nproc: int, *layout: str) -> dict:
 
 def test_smollm2_engine_after_sync_answers_as_the_trainer(tmp_path: Path) -> None:
     check(resolve_model_path("smollm2-135m-instruct"), tmp_path / "report.json", 1)
+
+
+def test_qwen3_moe_engine_after_sync_answers_as_the_trainer(head64_models: dict[str, Path], tmp_path: Path) -> None:
+    """vLLM's fused-MoE layer after a weight sync: its CPU kernel's packed experts follow the
+    reload (they kept the checkpoint's values without ``_refresh_packed_experts``)."""
+    check(head64_models["qwen3_moe"], tmp_path / "report.json", 1)
 
 
 @pytest.mark.parametrize("family,layout", [("llama", "--tp"), ("llama", "--pp"), ("qwen2", "--tp"), ("qwen2", "--pp"),

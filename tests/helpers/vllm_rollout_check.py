@@ -5,7 +5,7 @@
 The policy (TP x PP) loads ``MODEL_DIR``; all its weights are then moved away from the checkpoint (the engine starts from it, so a sync that leaves stale weights shows), and
 ``sync_weights`` hands them to one ``VLLMEngine`` per rank (replicas of R ranks). Rollouts go
 through the trainer's own path (:func:`generate_for_step` + :func:`rollout_step`: replica shares,
-replica seeds). Rank 0 writes ``OUT.json``:
+per-prompt seeds). Rank 0 writes ``OUT.json``:
 
 * ``greedy_equal``: per prompt, the engine's greedy tokens equal a greedy loop over the
   policy's ``full_logits``;
