@@ -143,12 +143,14 @@ def test_stop_raises_on_every_rank_only_when_set(tmp_path: Path) -> None:
 
 
 # The tiny gad runs: warmup (SFT at a high lr, so that G learns to end its answers near the
-# teacher's 12 tokens) then gad twice from it, both with stop: true and the default bounds.
-# Measured (len_vs_teacher per step; its 5-step mean is guard/length_vs_teacher): the hacked run
-# (frozen D, G lr 2e-2) starts at 0.54, then collapses onto a repeated token and hits the 24-token
-# limit (1.93-2.0 from step 2; mean 1.69 at step 5); the healthy run (D learning, G lr 1e-4) stays
-# at 0.54-0.93 (means 0.64-0.72 over steps 5-10). D's accuracy is 0.94-1.0 in both and the mean
-# reward falls in both: the length bound is the one that fires.
+# teacher's 12 tokens) then gad from it, both runs with stop: true and the default bounds.
+# The hacked run freezes a D that learned a length bias (a D-only warmup whose teacher says its
+# answer four times, past the 24-token limit) and trains G at lr 2e-2. Measured over seeds 1, 2
+# and 4 (len_vs_teacher by step): G either grows to the limit (0.52, 1.96, 2.0, 1.96, 1.88: the
+# length bound fires at step 5) or finds 1-2 token answers that the frozen D scores above the
+# teacher's (D's accuracy 1.0 -> 0.0: the D-accuracy bound fires at step 6-7). With the warmup's
+# own D frozen, G at the same lr neither grows nor fools D within 10 steps on seeds 1 and 2.
+# The healthy run (D learning, G lr 1e-4) stays near 0.5-0.9 of the teacher's length.
 RUN = {"max_response_length": 24, "batch_prompts": 4, "num_generations": 4, "save_steps": 4}
 WARMUP = ("train.max_steps=16", "train.learning_rate=2e-2", "parallel.micro_batch_tokens=304")
 
@@ -163,6 +165,18 @@ def warmed(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tu
     return config, config.parent / "run" / "warmup" / "final"
 
 
+@pytest.fixture(scope="module")
+def length_biased_discriminator(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, warmed) -> Path:
+    """D after 8 D-only steps on teacher answers twice as long as the limit against the warmed G's."""
+    from tests.helpers.tiny_run import write_tiny_setup
+    from tests.test_megatron_stages import gad, ok
+
+    config = write_tiny_setup(tmp_path_factory.mktemp("long"), tiny_model_dir, teacher_repeats=4, **RUN)
+    ok(gad(config, "warmup", f"train.init_from={warmed[1]}", "train.max_steps=8", "train.disc_only_steps=8",
+           "train.disc_learning_rate=1e-3", "parallel.micro_batch_tokens=304"))  # fmt: skip
+    return config.parent / "run" / "warmup" / "final" / "discriminator"
+
+
 def _gad(warmed: tuple[Path, Path], run_dir: Path, *sets: str):
     from tests.test_megatron_stages import gad, metrics
 
@@ -175,15 +189,21 @@ def _gad(warmed: tuple[Path, Path], run_dir: Path, *sets: str):
     return proc, rows
 
 
-@pytest.mark.slow  # with the healthy run below: three trainer starts, about 3-4 min on 2 shared cores
-def test_a_hacked_gad_run_fires_and_stops_naming_the_last_good_checkpoint(warmed, tmp_path: Path) -> None:
-    proc, rows = _gad(warmed, tmp_path, "train.freeze_discriminator=true", "train.learning_rate=2e-2",
-                      "train.max_steps=10")  # fmt: skip
+@pytest.mark.slow  # with the healthy run below: four trainer starts, about 4-5 min on 2 shared cores
+def test_a_hacked_gad_run_fires_and_stops_naming_the_last_good_checkpoint(
+    warmed, length_biased_discriminator: Path, tmp_path: Path
+) -> None:
+    proc, rows = _gad(warmed, tmp_path, f"train.discriminator={length_biased_discriminator}",
+                      "train.freeze_discriminator=true", "train.learning_rate=2e-2", "train.max_steps=10")  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5], "stops after the first alarm step"
-    assert rows[-1]["guard/alarms"] == 1 and rows[-1]["guard/length_vs_teacher"] > 1.5
-    warnings = [line for line in proc.stderr.splitlines() if "reward-hacking guard: step 5:" in line]
-    assert len(warnings) == 1 and "train.hacking_guard.max_length_growth" in warnings[0]
+    alarm = rows[-1]["step"]
+    assert 5 <= alarm < 10 and [r["step"] for r in rows] == list(range(1, alarm + 1)), "stops after the first alarm"
+    assert rows[-1]["guard/alarms"] >= 1 and all(r["guard/alarms"] == 0 for r in rows[:-1])
+    hacked = {"max_length_growth": rows[-1]["guard/length_vs_teacher"] > 1.5, "min_d_acc": rows[-1]["guard/d_acc"] < 0.15}
+    assert any(hacked.values()), "G grew its answers or fooled the frozen D"
+    warnings = [line for line in proc.stderr.splitlines() if f"reward-hacking guard: step {alarm}:" in line]
+    fired = [k for k, crossed in hacked.items() if crossed]
+    assert len(warnings) == rows[-1]["guard/alarms"] and all(any(f".{k})" in w for w in warnings) for k in fired)
     good = tmp_path / "gad" / "megatron" / "iter_0000004"
     assert good.is_dir() and f"the last good checkpoint is {good} (step 4)" in proc.stderr
     assert not (tmp_path / "gad" / "final").exists()

@@ -127,6 +127,10 @@ class FakeModel:
     def named_parameters(self) -> list[tuple[str, torch.Tensor]]:
         return [(name, torch.zeros(1)) for name in PARAMS]
 
+    def modules(self) -> list[Any]:
+        """A dense model: no fused-MoE layer for the engine to re-pack."""
+        return [self]
+
 
 class FakeModelRunner:
     def __init__(self, model: FakeModel) -> None:

@@ -218,13 +218,24 @@ def _sample(
         probs_BV = logp_BV.exp()
         if sampling.top_p < 1:
             probs_BV = _top_p(probs_BV, sampling.top_p)
-        token_B = torch.cat([torch.multinomial(p_V, 1, generator=g) for p_V, g in zip(probs_BV, generators)])
+        token_B = _draw(probs_BV, generators)
     return token_B, logp_BV.gather(-1, token_B[:, None]).squeeze(1)
+
+
+def _draw(probs_BV: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """Inverse-CDF draw of ``token_B`` from unnormalised ``probs_BV``: one uniform per row from
+    that row's generator, then one ``searchsorted`` over the batch's cumulative masses."""
+    cdf_BV = probs_BV.cumsum(-1)
+    u_B = torch.cat([torch.rand(1, generator=g, device=probs_BV.device, dtype=cdf_BV.dtype) for g in generators])
+    token_B = torch.searchsorted(cdf_BV, (u_B * cdf_BV[:, -1])[:, None], right=True).squeeze(1)
+    # u * total can round up to total: fall back to the row's last token with mass
+    last_B = probs_BV.shape[-1] - 1 - (probs_BV > 0).flip(-1).int().argmax(-1)
+    return torch.minimum(token_B, last_B)
 
 
 def _top_p(probs_BV: torch.Tensor, top_p: float) -> torch.Tensor:
     """Zero every token outside the smallest most-likely set whose mass reaches ``top_p``
-    (the most likely token always stays); ``multinomial`` renormalises."""
+    (the most likely token always stays); ``_draw`` renormalises."""
     sorted_BV, order_BV = probs_BV.sort(-1, descending=True)
     outside_BV = sorted_BV.cumsum(-1) - sorted_BV >= top_p
     return torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV.masked_fill(outside_BV, 0.0))

@@ -10,8 +10,9 @@ import yaml
 TOPICS = ["rain", "tea", "bikes", "maps", "owls", "jazz", "salt", "kites"]
 
 
-def write_tiny_setup(root: Path, model_dir: Path, n_prompts: int = 8, **train: object) -> Path:
-    """Prompts with teacher responses and a YAML config for ``model_dir``; returns the config path."""
+def write_tiny_setup(root: Path, model_dir: Path, n_prompts: int = 8, teacher_repeats: int = 1, **train: object) -> Path:
+    """Prompts with teacher responses (the 12-token answer said ``teacher_repeats`` times) and a
+    YAML config for ``model_dir``; returns the config path."""
     root.mkdir(parents=True, exist_ok=True)
     data = root / "data.jsonl"
     with data.open("w") as fh:
@@ -20,7 +21,7 @@ def write_tiny_setup(root: Path, model_dir: Path, n_prompts: int = 8, **train: o
             fh.write(json.dumps({
                 "id": f"p{i}",
                 "prompt": [{"role": "user", "content": f"Tell me one fact about {topic}."}],
-                "teacher_response": f"In short: {topic} is interesting. Hope this helps!",
+                "teacher_response": " ".join([f"In short: {topic} is interesting. Hope this helps!"] * teacher_repeats),
             }) + "\n")
     config = {
         "run_dir": str(root / "run"),
