@@ -1,17 +1,20 @@
 """Context distillation study: base vs SeqKD vs GAD (vs GAD with a frozen D), over seeds.
 
-    .venv/bin/python bench/context_distillation.py --no-frozen        # 2 seeds, ~65 min on 2 CPU cores
-    .venv/bin/python bench/context_distillation.py --seeds 0 1 2 --gad-steps 40
+    .venv/bin/python bench/context_distillation.py                    # 3 seeds with the frozen-D ablation
+    .venv/bin/python bench/context_distillation.py --seeds 3 4        # more seeds into the same --out
 
 Teacher: SmolLM2-135M (llama.cpp, 127.0.0.1) + the quickstart's hidden few-shot style.
-Train prompts: Self-Instruct seed tasks (175) + MT-Bench first turns (80); held out: Vicuna (80),
-all read from ../shared/data at run time. Per seed: SeqKD; a D-only warmup from the SeqKD model
+Train prompts: Self-Instruct seed tasks (175); held out, two sets of different kinds: Vicuna (80
+open questions) and MT-Bench first turns (80: writing, roleplay, reasoning, math, coding,
+extraction, STEM, humanities), all read from ../shared/data at run time. Per seed: SeqKD; a D-only warmup from the SeqKD model
 that ends once D's pair accuracy is high (``--warmup-until-d-acc``, capped by
 ``--warmup-steps``); GAD at a low generator lr (``--gad-lr``) for more steps, N rollouts per
 prompt; with ``--frozen`` also the off-policy ablation (GAD from the same warmup with D frozen).
 Then greedy generation on the held-out prompts, `gad eval` metrics plus the style rate, and a
-summary over seeds (mean, std) written to ``<out>/summary.json`` and ``<out>/summary.md``, and
-the response-length and reward curves of GAD (and frozen D) to ``<out>/length_curves.png``.
+summary over seeds (mean, std) written to ``<out>/summary.json`` and ``<out>/summary.md``; the
+paired statistics and per-seed curves of ``bench/study_analysis.py`` (``paired.md``,
+``training_curves.png``). A seed whose evaluation finished is read back, not rerun, so an
+interrupted study resumes where it stopped and later seeds can be added to the same ``--out``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from gad_megatron.data import read_jsonl
 from gad_megatron.evaluation.evaluate import evaluate_run
 from gad_megatron.evaluation.generate import run_generate
 from gad_megatron.quickstart import FULL, Budget, add_style_rates, build_config, collect_teacher, train_once
+from study_analysis import analyse  # bench/ is sys.path[0]
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 METRICS = {
@@ -47,6 +51,9 @@ def prompts(name: str) -> list[dict]:
 
 def run_seed(root: Path, seed: int, budget: Budget, teacher: TeacherConfig, recipe: argparse.Namespace) -> dict:
     run = root / f"seed{seed}"
+    results = run / "eval" / "results.json"
+    if results.is_file():
+        return json.loads(results.read_text())
     (run / "data").mkdir(parents=True, exist_ok=True)
     for name in ("train.jsonl", "test.jsonl"):
         (run / "data" / name).write_text((root / "data" / name).read_text())
@@ -66,7 +73,7 @@ def run_seed(root: Path, seed: int, budget: Budget, teacher: TeacherConfig, reci
         run_generate(cfg, model=spec)
     evaluate_run(cfg)
     add_style_rates(cfg)
-    return json.loads((run / "eval" / "results.json").read_text())
+    return json.loads(results.read_text())
 
 
 def summarize(results: list[dict]) -> dict:
@@ -92,35 +99,10 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_lengths(root: Path, seeds: list[int], frozen: bool) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    runs = [("GAD", Path("gad"), "-")] + ([("frozen D", Path("frozen") / "gad", "--")] if frozen else [])
-    for seed in seeds:
-        for label, path, style in runs:
-            rows = [r for r in read_jsonl(root / f"seed{seed}" / path / "metrics.jsonl") if "len_mean" in r]
-            axes[0].plot([r["step"] for r in rows], [r["len_mean"] for r in rows], style, label=f"{label} seed {seed}")
-            axes[1].plot([r["step"] for r in rows], [r.get("reward_mean") for r in rows], style, label=f"{label} seed {seed}")
-    axes[0].set(title="rollout length (tokens)", xlabel="GAD step")
-    axes[1].set(title="reward (D score of rollouts)", xlabel="GAD step")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = root / "length_curves.png"
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/context_distillation")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--warmup-steps", type=int, default=10, help="cap on the D-only warmup")
     ap.add_argument("--warmup-until-d-acc", type=float, default=0.9,
                     help="end the warmup once D's pair accuracy (mean of 3 steps) reaches this")
@@ -138,15 +120,16 @@ def main() -> None:
     root = Path(a.out).resolve()
     budget = replace(FULL, seqkd_steps=a.seqkd_steps, warmup_steps=a.warmup_steps, gad_steps=a.gad_steps,
                      batch_prompts=a.batch_prompts, num_generations=a.num_generations)
-    train = prompts("seed_tasks175.jsonl") + prompts("mtbench80_turn1.jsonl")
-    teacher = collect_teacher(root, budget, train, prompts("vicuna80.jsonl"))
+    teacher = collect_teacher(root, budget, prompts("seed_tasks175.jsonl"),
+                              prompts("vicuna80.jsonl") + prompts("mtbench80_turn1.jsonl"))
     results = [run_seed(root, seed, budget, teacher, a) for seed in a.seeds]
     summary = summarize(results)
     (root / "summary.json").write_text(json.dumps({"settings": vars(a), "budget": budget.__dict__, "summary": summary,
                                                    "minutes": (time.monotonic() - start) / 60}, indent=1))
     (root / "summary.md").write_text(markdown(summary))
-    plot_lengths(root, a.seeds, a.frozen)
+    analyse(root)
     print(markdown(summary))
+    print((root / "paired.md").read_text())
     print(f"done in {(time.monotonic() - start) / 60:.1f} min: {root / 'summary.md'}")
 
 

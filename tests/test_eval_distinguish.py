@@ -40,6 +40,8 @@ def test_style_is_detected():
     assert res["accuracy"] > 0.9
     assert res["ci_low"] > 0.5  # clearly distinguishable
     assert res["n_test"] == 120 and res["n_prompts"] == 60 and len(res["fold_accuracy"]) == 2
+    assert len(res["per_prompt"]) == 60 and set(res["per_prompt"]) <= {0.0, 0.5, 1.0}
+    assert sum(res["per_prompt"]) / 60 == pytest.approx(res["accuracy"]), "per-prompt shares average to the accuracy"
 
 
 def test_same_distribution_is_near_chance():
@@ -51,7 +53,8 @@ def test_identical_pairs_give_exactly_chance():
     # Both responses to a prompt are in the same half, and identical texts get identical scores:
     # exactly one of the two is classified correctly, whatever the classifier learned.
     texts = _sentences(4, 20)
-    assert distinguishability(texts, list(texts))["accuracy"] == pytest.approx(0.5)
+    res = distinguishability(texts, list(texts))
+    assert res["accuracy"] == pytest.approx(0.5) and res["per_prompt"] == [0.5] * 20
 
 
 def test_too_few_prompts_and_misaligned_input():

@@ -44,6 +44,7 @@ def test_batched_equals_direct(tiny_lm, tiny_tokenizer):
     assert res["mean_token_loglik"] == pytest.approx(sum(s for s, _ in direct) / tokens, abs=1e-4)
     assert res["mean_response_loglik"] == pytest.approx(sum(s / n for s, n in direct) / 3, abs=1e-4)
     assert res["mean_token_loglik"] < 0
+    assert res["per_response"] == pytest.approx([s / n for s, n in direct], abs=1e-4), "aligned with the responses"
 
 
 def test_teacher_context_and_truncation(tiny_lm, tiny_tokenizer):

@@ -123,7 +123,11 @@ def test_sweep_eval_report(reported_run):
     assert m["loglik"]["under_teacher"]["mean_token_loglik"] < 0 and m["loglik"]["under_teacher"]["tokens"] > 0
     assert m["loglik"]["teacher_under_model"]["mean_token_loglik"] < 0
     assert "rouge_l" not in saved["results"]["teacher"]["vicuna80"]  # not scored against itself
-    assert len(read_jsonl(run / "eval" / "gad-final" / "vicuna80.jsonl")) == 4
+    details = read_jsonl(run / "eval" / "gad-final" / "vicuna80.jsonl")
+    assert len(details) == 4 and all(d["distinguished"] == 1.0 for d in details), "per prompt, for paired statistics"
+    under_teacher = [d["loglik_under_teacher"] for d in details]
+    assert all(v < 0 for v in under_teacher) and all(d["loglik_teacher_under_model"] < 0 for d in details)
+    assert "per_prompt" not in m["loglik"]["under_teacher"] and "per_prompt" not in m["distinguishability"]
     assert res["results"].keys() == saved["results"].keys()
 
     out = run / "report"

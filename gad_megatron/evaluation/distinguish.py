@@ -87,23 +87,25 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
 
 
 def _cross_fit(n: int, seed: int, fit_predict: Callable[[list[int], list[int]], list[float]]) -> dict[str, Any]:
-    """Split prompts in two halves; train on one, score the other, then swap. Rows: teacher i, candidate n+i."""
+    """Split prompts in two halves; train on one, score the other, then swap. Rows: teacher i, candidate n+i.
+    ``per_prompt[i]``: the share of prompt i's two rows classified right (0, 0.5 or 1)."""
     if n < 4:
         return {"accuracy": None, "reason": f"needs at least 4 prompts, got {n}", "n_prompts": n}
     order = list(range(n))
     random.Random(seed).shuffle(order)
     halves = [order[: n // 2], order[n // 2 :]]
-    correct = total = 0
+    per_prompt = [0.0] * n
     folds = []
     for train, test in ((halves[0], halves[1]), (halves[1], halves[0])):
         logits = fit_predict(train + [n + i for i in train], test + [n + i for i in test])
-        labels = [1] * len(test) + [0] * len(test)
-        c = sum(int((z > 0) == bool(y)) for z, y in zip(logits, labels))
-        folds.append(c / len(labels))
-        correct += c
-        total += len(labels)
+        right = [(z > 0) == (row < len(test)) for row, z in enumerate(logits)]
+        for row, ok in enumerate(right):
+            per_prompt[test[row % len(test)]] += ok / 2
+        folds.append(sum(right) / len(right))
+    correct, total = round(sum(per_prompt) * 2), 2 * n
     lo, hi = wilson_interval(correct, total)
-    return {"accuracy": correct / total, "ci_low": lo, "ci_high": hi, "n_test": total, "n_prompts": n, "fold_accuracy": folds}
+    return {"accuracy": correct / total, "ci_low": lo, "ci_high": hi, "n_test": total, "n_prompts": n, "fold_accuracy": folds,
+            "per_prompt": per_prompt}  # fmt: skip
 
 
 def _labels(rows: list[int], n: int) -> torch.Tensor:

@@ -202,6 +202,7 @@ def _loglik_metrics(cfg: RunConfig, lctx: _LoglikContext, tag: str, suite: Suite
     out["under_teacher"] = teacher_loglik(lctx.model, lctx.tokenizer, [prompts[i] for i in ids],
                                           [rows[i]["response"] for i in ids], lctx.context,
                                           finished=[rows[i].get("finish_reason") != "length" for i in ids])
+    out["under_teacher"]["per_prompt"] = dict(zip(ids, out["under_teacher"].pop("per_response")))
     spec = _generation_model(cfg, tag, suite)
     if teacher is not None and spec and tag != TEACHER_TAG:
         t_ids = [i for i in ids if i in teacher]
@@ -217,6 +218,7 @@ def _loglik_metrics(cfg: RunConfig, lctx: _LoglikContext, tag: str, suite: Suite
         out["teacher_under_model"] = candidate_loglik(model, tok, [prompts[i] for i in t_ids],
                                                       [teacher[i]["response"] for i in t_ids],
                                                       finished=[teacher[i].get("finish_reason") != "length" for i in t_ids])
+        out["teacher_under_model"]["per_prompt"] = dict(zip(t_ids, out["teacher_under_model"].pop("per_response")))
         del model
     return out
 
@@ -280,8 +282,13 @@ def evaluate_run(cfg: RunConfig) -> dict[str, Any]:
                         cfg.student, [by_id[i]["prompt"] for i in both], t_texts, c_texts, seed=cfg.seed)
                 else:
                     metrics["distinguishability"] = distinguishability(t_texts, c_texts, seed=cfg.seed)
+                for i, share in zip(both, metrics["distinguishability"].pop("per_prompt", [])):
+                    details[i]["distinguished"] = share
             if lctx is not None:
                 metrics["loglik"] = _loglik_metrics(cfg, lctx, tag, suite, rows, have, teacher)
+                for kind, scores in metrics["loglik"].items():
+                    for i, value in scores.pop("per_prompt").items():
+                        details[i][f"loglik_{kind}"] = value
             write_jsonl(run_dir / "eval" / tag / f"{suite.name}.jsonl", [details[i] for i in have])
             results.setdefault(tag, {})[suite.name] = metrics
 

@@ -121,10 +121,13 @@ def _prefix_cache(model: Any, prefix_ids: list[int], device: torch.device) -> An
 def mean_loglik(model: Any, tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str],
                 finished: Sequence[bool] | None = None, context: Sequence[dict[str, str]] | None = None,
                 batch_size: int = 8) -> dict[str, float | int | None]:
-    """``mean_token_loglik`` (all tokens pooled), ``mean_response_loglik`` (per-response means averaged), counts."""
-    scores = [s for s in response_logprobs(model, tokenizer, prompts, responses, finished, context, batch_size) if s[1] > 0]
+    """``mean_token_loglik`` (all tokens pooled), ``mean_response_loglik`` (per-response means averaged), counts,
+    and ``per_response``: each response's mean token log-prob, aligned with ``responses`` (None: no tokens)."""
+    every = response_logprobs(model, tokenizer, prompts, responses, finished, context, batch_size)
+    scores = [s for s in every if s[1] > 0]
     tokens = sum(n for _, n in scores)
     return {
+        "per_response": [s / n if n > 0 else None for s, n in every],
         "mean_token_loglik": sum(s for s, _ in scores) / tokens if tokens else None,
         "mean_response_loglik": sum(s / n for s, n in scores) / len(scores) if scores else None,
         "tokens": tokens,

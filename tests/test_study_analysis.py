@@ -1,0 +1,68 @@
+"""bench/study_analysis.py on a study tree in the layout the trainer and `gad eval` write (two
+seeds, SeqKD, GAD and frozen D, prompts from two held-out sets), with values whose paired
+differences are known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gad_megatron.data import write_jsonl
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+IDS = [f"vicuna-{i}" for i in range(4)] + [f"mtbench-{i}" for i in range(81, 85)]
+STYLED = "In a nutshell: it depends. Stay curious!"
+
+
+def _model(seed_dir: Path, tag: str, loglik: float, styled: set[str], cut: set[str] = frozenset()) -> None:
+    write_jsonl(seed_dir / "generations" / tag / "test.jsonl", [
+        {"id": i, "response": STYLED if i in styled else "It depends.", "finish_reason": "length" if i in cut else "stop"}
+        for i in IDS])  # fmt: skip
+    write_jsonl(seed_dir / "eval" / tag / "test.jsonl", [
+        {"id": i, "num_tokens": 9, "rouge_l": 0.25, "distinguished": 0.5, "loglik_under_teacher": loglik}
+        for i in IDS])  # fmt: skip
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> Path:
+    mtbench = {i for i in IDS if i.startswith("mtbench")}
+    for seed in (0, 1):
+        run = tmp_path / f"seed{seed}"
+        _model(run, "seqkd-final", -1.0, styled=mtbench)
+        # GAD carries the style on every prompt, though seed 1 cuts one Vicuna answer at the cap
+        _model(run, "gad-final", -0.5 + 0.1 * seed, styled=set(IDS), cut={"vicuna-0"} if seed else set())
+        _model(run, "frozen-gad-final", -2.0, styled=set())
+        (run / "eval" / "results.json").write_text(json.dumps({"models": ["seqkd-final", "gad-final", "frozen-gad-final"]}))
+        for stage in (run / "gad", run / "frozen" / "gad"):
+            write_jsonl(stage / "metrics.jsonl", [{"step": s, "d_acc": 0.5, "reward_mean": 0.1 * s, "len_vs_teacher": 1.0,
+                                                   "kl": 0.01 * s} for s in (1, 2, 3)])  # fmt: skip
+    (tmp_path / "seed2").mkdir()  # a seed still running: no eval yet, left out
+    return tmp_path
+
+
+def test_paired_differences_per_held_out_set(study: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    from study_analysis import analyse
+
+    analyse(study)
+    saved = json.loads((study / "paired.json").read_text())
+    assert saved["seeds"] == ["seed0", "seed1"]
+    vicuna, mtbench = saved["GAD vs SeqKD"]["vicuna"], saved["GAD vs SeqKD"]["mtbench"]
+    loglik = vicuna["loglik_under_teacher"]
+    assert loglik["mean"] == pytest.approx(0.55) and loglik["n"] == 4, "(0.5 + 0.6) / 2 on every prompt"
+    assert loglik["ci_low"] == pytest.approx(0.55) and loglik["excludes_zero"]
+    assert vicuna["style"]["mean"] == 1.0 and vicuna["style"]["mcnemar_pooled"] == {"a_only": 0, "b_only": 8, "n": 8,
+                                                                                    "p_value": 2 / 2**8}  # fmt: skip
+    assert [m["b_only"] for m in vicuna["style"]["mcnemar_per_seed"]] == [4, 4]
+    assert vicuna["style_complete"]["n"] == 4, "vicuna-0 is scored by seed 0 alone"
+    assert mtbench["style"]["mean"] == 0.0 and mtbench["style"]["mcnemar_pooled"]["p_value"] == 1.0
+    assert mtbench["distinguished"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 4, "excludes_zero": False,
+                                        "better": "lower"}  # fmt: skip
+    frozen = saved["GAD vs frozen D"]["mtbench"]
+    assert frozen["loglik_under_teacher"]["mean"] == pytest.approx(1.55) and frozen["style"]["mean"] == 1.0
+    md = (study / "paired.md").read_text()
+    assert "### GAD vs SeqKD, vicuna held-out prompts" in md and "| loglik_under_teacher | higher | +0.550 *" in md
+    assert "pooled 0/8 p=0.00781" in md
+    assert (study / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
