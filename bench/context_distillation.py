@@ -14,7 +14,8 @@ Then greedy generation on the held-out prompts, `gad eval` metrics plus the styl
 summary over seeds (mean, std) written to ``<out>/summary.json`` and ``<out>/summary.md``; the
 paired statistics and per-seed curves of ``bench/study_analysis.py`` (``paired.md``,
 ``training_curves.png``). A seed whose evaluation finished is read back, not rerun, so an
-interrupted study resumes where it stopped and later seeds can be added to the same ``--out``.
+interrupted study resumes where it stopped and later seeds can be added to the same ``--out``;
+``--reevaluate`` scores finished seeds again from their generations (after a metric changes).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from gad_megatron.config import DEFAULT_STUDENT, TeacherConfig
+from gad_megatron.config import DEFAULT_STUDENT, RunConfig, TeacherConfig
 from gad_megatron.data import read_jsonl
 from gad_megatron.evaluation.evaluate import evaluate_run
 from gad_megatron.evaluation.generate import run_generate
@@ -41,6 +42,7 @@ METRICS = {
     "teacher_loglik_under_model": lambda m: ((m.get("loglik") or {}).get("teacher_under_model") or {}).get("mean_token_loglik"),
     "distinguishability": lambda m: (m.get("distinguishability") or {}).get("accuracy"),
     "rouge_l": lambda m: m.get("rouge_l"),
+    "repetition": lambda m: m.get("repetition"),
     "len_mean": lambda m: m.get("len_mean"),
 }
 
@@ -52,14 +54,23 @@ def prompts(name: str) -> list[dict]:
 def run_seed(root: Path, seed: int, budget: Budget, teacher: TeacherConfig, recipe: argparse.Namespace) -> dict:
     run = root / f"seed{seed}"
     results = run / "eval" / "results.json"
-    if results.is_file():
+    if results.is_file() and not recipe.reevaluate:
         return json.loads(results.read_text())
     (run / "data").mkdir(parents=True, exist_ok=True)
     for name in ("train.jsonl", "test.jsonl"):
         (run / "data" / name).write_text((root / "data" / name).read_text())
     cfg = build_config(run, budget, teacher, seed=seed)
-    # log-likelihoods under the teacher carry its ~330-token context: 40 prompts keep eval to minutes
-    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"loglik_max_examples": 40})})
+    # log-likelihoods under the teacher carry its ~330-token context: 80 prompts (every other one, so
+    # 40 of each held-out set) keep eval to minutes
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"loglik_max_examples": 80})})
+    if not results.is_file():
+        train_and_generate(cfg, run, budget, recipe)
+    evaluate_run(cfg)
+    add_style_rates(cfg)
+    return json.loads(results.read_text())
+
+
+def train_and_generate(cfg: RunConfig, run: Path, budget: Budget, recipe: argparse.Namespace) -> None:
     seqkd = train_once(cfg, "seqkd", budget.seqkd_steps, batch_prompts=recipe.seqkd_batch_prompts)
     warm = train_once(cfg, "warmup", budget.warmup_steps, init_from=str(seqkd), disc_only_steps=budget.warmup_steps,
                       warmup_until_d_acc=recipe.warmup_until_d_acc)  # fmt: skip
@@ -71,9 +82,6 @@ def run_seed(root: Path, seed: int, budget: Budget, teacher: TeacherConfig, reci
                                      freeze_discriminator=True, learning_rate=recipe.gad_lr)))  # fmt: skip
     for spec in models:
         run_generate(cfg, model=spec)
-    evaluate_run(cfg)
-    add_style_rates(cfg)
-    return json.loads(results.read_text())
 
 
 def summarize(results: list[dict]) -> dict:
@@ -114,6 +122,8 @@ def main() -> None:
     ap.add_argument("--seqkd-batch-prompts", type=int, default=8)
     ap.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=True,
                     help="also train the frozen-D ablation (doubles GAD's time)")
+    ap.add_argument("--reevaluate", action="store_true",
+                    help="score finished seeds again with the current evaluation code (their generations are kept)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.monotonic()

@@ -8,19 +8,24 @@ and compares GAD with SeqKD (and with the frozen-D ablation when it was trained)
 prompt: the mean difference over seeds with a bootstrap 95% interval over prompts, and
 McNemar's exact test on the style marker per seed and over all (seed, prompt) pairs. Writes
 ``paired.json``, ``paired.md`` and ``training_curves.png`` (D accuracy, reward, length against
-the teacher and KL per GAD step, one line per seed) next to the seeds.
+the teacher and KL per GAD step, one line per seed) next to the seeds. ``paired.md`` opens with
+each model's level per held-out set (mean over prompts, mean ± std over seeds). Repetition is
+seq-rep-4 of the response (the share of its word 4-grams that repeat), where a hacked
+generator's padding shows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from gad_megatron.data import read_jsonl
 from gad_megatron.evaluation.paired import mcnemar, paired_bootstrap, per_prompt_differences
+from gad_megatron.evaluation.text_metrics import mean, repetition
 from gad_megatron.style import load_teacher_style, style_match
 
 SUITE = "test"
@@ -34,6 +39,7 @@ METRICS: dict[str, tuple[Reader, str]] = {
     "loglik_under_teacher": (lambda d, g: d.get("loglik_under_teacher"), "higher"),
     "distinguished": (lambda d, g: d.get("distinguished"), "lower"),
     "rouge_l": (lambda d, g: d.get("rouge_l"), "higher"),
+    "repetition": (lambda d, g: repetition(g["response"]), "lower"),
     "num_tokens": (lambda d, g: d.get("num_tokens"), "neither"),
 }
 CURVES = {"d_acc": "D pair accuracy", "reward_mean": "reward (D score)", "len_vs_teacher": "length / teacher's",
@@ -69,7 +75,35 @@ def compare(seed_dirs: list[Path], a: str, b: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def markdown(comparisons: dict[str, dict[str, dict[str, Any]]], seeds: int) -> str:
+def levels(seed_dirs: list[Path], models: list[str]) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """held-out set -> model -> metric -> {mean, std}: each seed's mean over prompts, then mean and
+    standard deviation over seeds (std 0.0 for one seed)."""
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for tag in models:
+        per_seed = [per_prompt_values(s, tag) for s in seed_dirs]
+        for name in METRICS:
+            for held_out in sorted({held_out_set(p) for p in per_seed[0][name]}):
+                means = [mean(v for p, v in seed[name].items() if held_out_set(p) == held_out) for seed in per_seed]
+                means = [m for m in means if m is not None]
+                if means:
+                    out.setdefault(held_out, {}).setdefault(tag, {})[name] = {
+                        "mean": statistics.mean(means), "std": statistics.stdev(means) if len(means) > 1 else 0.0}
+    return out
+
+
+def levels_markdown(table: dict[str, dict[str, dict[str, dict[str, float]]]], seeds: int) -> list[str]:
+    lines = [f"Per held-out set, each model's mean over prompts (mean ± std over {seeds} seeds):", ""]
+    for held_out, models in table.items():
+        lines += [f"### {held_out} held-out prompts", "", "| model | " + " | ".join(METRICS) + " |",
+                  "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
+        for tag, metrics in models.items():
+            cells = [f"{metrics[m]['mean']:.3f} ± {metrics[m]['std']:.3f}" if m in metrics else "-" for m in METRICS]
+            lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def markdown(comparisons: dict[str, dict[str, dict[str, Any]]], seeds: int) -> list[str]:
     lines = [f"Paired differences over {seeds} seeds: mean of (second - first) per prompt, averaged over seeds, "
              "with a bootstrap 95% interval over prompts; * where the interval excludes 0.", ""]  # fmt: skip
     for title, comparison in comparisons.items():
@@ -85,7 +119,7 @@ def markdown(comparisons: dict[str, dict[str, dict[str, Any]]], seeds: int) -> s
             pooled = style["mcnemar_pooled"]
             lines += ["", f"McNemar on the style marker (prompts with it only under the first / only under the second): "
                       f"per seed {per_seed}; pooled {pooled['a_only']}/{pooled['b_only']} p={pooled['p_value']:.3g}", ""]  # fmt: skip
-    return "\n".join(lines)
+    return lines
 
 
 def plot_curves(seed_dirs: list[Path], out: Path) -> Path:
@@ -124,8 +158,11 @@ def analyse(root: Path) -> dict[str, Any]:
     frozen = [m for m in models if m.startswith("frozen")]
     if frozen:
         comparisons["GAD vs frozen D"] = compare(seed_dirs, frozen[0], "gad-final")
-    (root / "paired.json").write_text(json.dumps({"seeds": [p.name for p in seed_dirs], **comparisons}, indent=1))
-    (root / "paired.md").write_text(markdown(comparisons, len(seed_dirs)))
+    table = levels(seed_dirs, [m for m in models if (seed_dirs[0] / "eval" / m / f"{SUITE}.jsonl").is_file()])
+    (root / "paired.json").write_text(json.dumps({"seeds": [p.name for p in seed_dirs], "levels": table, **comparisons},
+                                                 indent=1))  # fmt: skip
+    md = levels_markdown(table, len(seed_dirs)) + markdown(comparisons, len(seed_dirs))
+    (root / "paired.md").write_text("\n".join(md))
     plot_curves(seed_dirs, root / "training_curves.png")
     return comparisons
 

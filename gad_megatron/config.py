@@ -204,7 +204,7 @@ class EvalConfig(_Strict):
     teacher_model: str | None = Field(
         None, description="Local HF copy of the teacher, for white-box log-likelihood diagnostics (uses teacher.context_messages)."
     )
-    loglik_max_examples: int | None = Field(200, gt=0, description="Prompts per suite for the log-likelihood diagnostics (CPU cost).")
+    loglik_max_examples: int | None = Field(200, gt=0, description="Prompts per suite for the log-likelihood diagnostics (CPU cost), evenly spaced over the suite.")
     distinguishability: bool = Field(True, description="Train a fresh classifier to tell teacher from candidate (50% = indistinguishable).")
     distinguish_classifier: Literal["ngram", "discriminator"] = Field(
         "ngram", description="ngram: hashed n-gram logistic regression (seconds). discriminator: the GAD "

@@ -209,3 +209,12 @@ def test_complete_answer_style_rate_and_lc_judge_columns(tmp_path):
     assert ("| model | teacher style, complete answers | teacher style | judge (50 = parity) | judge, length-controlled "
             "| length |") in md
     assert "| gad-final | 80% of 30 | 60% | 61.2 | 52.5 | 25.0 |" in md
+
+
+def test_loglik_examples_are_spread_over_the_suite():
+    from gad_megatron.evaluation.evaluate import spread
+
+    ids = [f"vicuna-{i}" for i in range(4)] + [f"mtbench-{i}" for i in range(4)]
+    assert spread(ids, 4) == ["vicuna-0", "vicuna-2", "mtbench-0", "mtbench-2"], "both sets, not the first four"
+    assert spread(ids, 3) == [ids[0], ids[2], ids[5]]
+    assert spread(ids, None) == ids and spread(ids, 8) == ids and spread(ids, 20) == ids

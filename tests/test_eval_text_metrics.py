@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from gad_megatron.evaluation.text_metrics import lcs_length, length_stats, ngram_f1, ngram_f1_all, rouge_l_f1, tokenize
+from gad_megatron.evaluation.text_metrics import (
+    lcs_length,
+    length_stats,
+    ngram_f1,
+    ngram_f1_all,
+    repetition,
+    rouge_l_f1,
+    tokenize,
+)
 
 
 def test_tokenize_keeps_non_ascii_text():
@@ -76,3 +84,15 @@ def test_length_stats():
     assert sum(s["histogram"]["counts"]) == 4
     assert len(s["histogram"]["edges"]) == 6
     assert length_stats([]) == {"count": 0}
+
+
+def test_repetition_hand_computed():
+    # 12 words, 9 four-grams of which 4 are distinct: a b c d / b c d a / c d a b / d a b c
+    assert repetition("a b c d a b c d a b c d") == pytest.approx(1 - 4 / 9)
+    assert repetition("In a nutshell: keep it dry. Stay curious!") == 0.0
+    assert repetition("too short") == 0.0
+    assert repetition("") == 0.0
+    once = "In a nutshell: plan your day and avoid distractions. Stay curious!"
+    looped = once + " Stay curious! Stay curious! Stay curious!"
+    assert repetition(looped) > 0.2 > repetition(once)
+    assert repetition("stay curious stay curious", n=2) == pytest.approx(1 - 2 / 3)  # n is honoured

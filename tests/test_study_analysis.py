@@ -10,16 +10,19 @@ from pathlib import Path
 import pytest
 
 from gad_megatron.data import write_jsonl
+from gad_megatron.evaluation.text_metrics import repetition
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 IDS = [f"vicuna-{i}" for i in range(4)] + [f"mtbench-{i}" for i in range(81, 85)]
 STYLED = "In a nutshell: it depends. Stay curious!"
+LOOPED = STYLED + " Stay curious! Stay curious!"
 
 
-def _model(seed_dir: Path, tag: str, loglik: float, styled: set[str], cut: set[str] = frozenset()) -> None:
+def _model(seed_dir: Path, tag: str, loglik: float, styled: set[str], cut: set[str] = frozenset(),
+           looped: set[str] = frozenset()) -> None:
     write_jsonl(seed_dir / "generations" / tag / "test.jsonl", [
-        {"id": i, "response": STYLED if i in styled else "It depends.", "finish_reason": "length" if i in cut else "stop"}
-        for i in IDS])  # fmt: skip
+        {"id": i, "response": LOOPED if i in looped else STYLED if i in styled else "It depends.",
+         "finish_reason": "length" if i in cut else "stop"} for i in IDS])  # fmt: skip
     write_jsonl(seed_dir / "eval" / tag / "test.jsonl", [
         {"id": i, "num_tokens": 9, "rouge_l": 0.25, "distinguished": 0.5, "loglik_under_teacher": loglik}
         for i in IDS])  # fmt: skip
@@ -32,7 +35,9 @@ def study(tmp_path: Path) -> Path:
         run = tmp_path / f"seed{seed}"
         _model(run, "seqkd-final", -1.0, styled=mtbench)
         # GAD carries the style on every prompt, though seed 1 cuts one Vicuna answer at the cap
-        _model(run, "gad-final", -0.5 + 0.1 * seed, styled=set(IDS), cut={"vicuna-0"} if seed else set())
+        # and loops its sign-off on one MT-Bench prompt
+        _model(run, "gad-final", -0.5 + 0.1 * seed, styled=set(IDS), cut={"vicuna-0"} if seed else set(),
+               looped={"mtbench-81"})
         _model(run, "frozen-gad-final", -2.0, styled=set())
         (run / "eval" / "results.json").write_text(json.dumps({"models": ["seqkd-final", "gad-final", "frozen-gad-final"]}))
         for stage in (run / "gad", run / "frozen" / "gad"):
@@ -60,9 +65,18 @@ def test_paired_differences_per_held_out_set(study: Path, monkeypatch: pytest.Mo
     assert mtbench["style"]["mean"] == 0.0 and mtbench["style"]["mcnemar_pooled"]["p_value"] == 1.0
     assert mtbench["distinguished"] == {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "n": 4, "excludes_zero": False,
                                         "better": "lower"}  # fmt: skip
+    loop = repetition(LOOPED)
+    assert loop > 0.1 and mtbench["repetition"]["mean"] == pytest.approx(loop / 4)
+    assert vicuna["repetition"]["mean"] == 0.0
+    levels = saved["levels"]
+    assert levels["vicuna"]["gad-final"]["loglik_under_teacher"] == pytest.approx({"mean": -0.45, "std": 0.1 / 2**0.5})
+    assert levels["vicuna"]["seqkd-final"]["style"] == {"mean": 0.0, "std": 0.0}
+    assert levels["mtbench"]["seqkd-final"]["style"] == {"mean": 1.0, "std": 0.0}
+    assert levels["mtbench"]["gad-final"]["repetition"]["mean"] == pytest.approx(loop / 4)
     frozen = saved["GAD vs frozen D"]["mtbench"]
     assert frozen["loglik_under_teacher"]["mean"] == pytest.approx(1.55) and frozen["style"]["mean"] == 1.0
     md = (study / "paired.md").read_text()
+    assert "### vicuna held-out prompts" in md and "| seqkd-final | 0.000 ± 0.000 |" in md
     assert "### GAD vs SeqKD, vicuna held-out prompts" in md and "| loglik_under_teacher | higher | +0.550 *" in md
     assert "pooled 0/8 p=0.00781" in md
     assert (study / "training_curves.png").read_bytes()[:4] == b"\x89PNG"

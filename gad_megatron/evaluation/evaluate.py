@@ -27,7 +27,7 @@ from gad_megatron.data import read_jsonl, write_atomic, write_jsonl
 from gad_megatron.evaluation.generate import generations_path, tag_order
 from gad_megatron.evaluation.length_control import length_controlled_score
 from gad_megatron.evaluation.suites import Suite, load_suite
-from gad_megatron.evaluation.text_metrics import length_stats, mean, ngram_f1_all, rouge_l_f1
+from gad_megatron.evaluation.text_metrics import length_stats, mean, ngram_f1_all, repetition, rouge_l_f1
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,8 @@ def _text_metrics(rows: dict[str, dict[str, Any]], ids: list[str], teacher: dict
     for rid in ids:
         row = rows[rid]
         d: dict[str, Any] = {"id": rid, "finish_reason": row.get("finish_reason"),
-                             "num_tokens": count(row["response"]) if count else row.get("num_tokens")}
+                             "num_tokens": count(row["response"]) if count else row.get("num_tokens"),
+                             "repetition": repetition(row["response"])}
         t = (teacher or {}).get(rid)
         if t is not None:
             d["rouge_l"] = rouge_l_f1(row["response"], t["response"])
@@ -151,6 +152,7 @@ def _text_metrics(rows: dict[str, dict[str, Any]], ids: list[str], teacher: dict
     metrics: dict[str, Any] = {"n": len(ds), "length": length_stats([d["num_tokens"] for d in counted],
                                                                      [d["finish_reason"] for d in counted])}
     metrics["len_mean"] = metrics["length"].get("mean")
+    metrics["repetition"] = mean(d["repetition"] for d in ds)
     metrics["truncated_frac"] = sum(d["finish_reason"] == "length" for d in ds) / len(ds) if ds else None
     with_t = [d for d in ds if "rouge_l" in d]
     if with_t:
@@ -172,6 +174,14 @@ def _judge_score_lc(judged: list[dict[str, Any]], rows: dict[str, dict[str, Any]
     scored = [d for d in judged if d.get("score") is not None]
     return length_controlled_score([d["score"] for d in scored], [size(rows[d["id"]]["response"]) for d in scored],
                                    [size(references[d["id"]] or "") for d in scored])
+
+
+def spread(ids: list[str], limit: int | None) -> list[str]:
+    """At most ``limit`` of ``ids``, evenly spaced in order (all when ``limit`` is None): a suite
+    concatenated from several prompt sets keeps a share of each, where a prefix would keep the first."""
+    if limit is None or limit >= len(ids):
+        return ids
+    return [ids[k * len(ids) // limit] for k in range(limit)]
 
 
 class _LoglikContext:
@@ -197,7 +207,7 @@ def _loglik_metrics(cfg: RunConfig, lctx: _LoglikContext, tag: str, suite: Suite
     from gad_megatron.models.sources import load_causal_lm, load_tokenizer
 
     prompts = {r["id"]: r["prompt"] for r in suite.records}
-    ids = ids[: cfg.eval.loglik_max_examples] if cfg.eval.loglik_max_examples else ids
+    ids = spread(ids, cfg.eval.loglik_max_examples)
     out: dict[str, Any] = {}
     out["under_teacher"] = teacher_loglik(lctx.model, lctx.tokenizer, [prompts[i] for i in ids],
                                           [rows[i]["response"] for i in ids], lctx.context,

@@ -21,6 +21,7 @@ __all__ = [
     "rouge_l_f1",
     "ngram_f1",
     "ngram_f1_all",
+    "repetition",
     "length_stats",
     "mean",
 ]
@@ -88,6 +89,18 @@ def ngram_f1_all(candidate: str, reference: str, max_n: int = 6) -> dict[int, fl
         c, r = _ngrams(ct, n), _ngrams(rt, n)
         out[n] = _f1(sum((c & r).values()), sum(c.values()), sum(r.values()))
     return out
+
+
+def repetition(text: str, n: int = 4) -> float:
+    """Share of the text's word n-grams that repeat an earlier one: ``1 - distinct / total`` (seq-rep-n).
+
+    0.0 for a text without repeats or shorter than ``n`` words; a one-sentence answer whose
+    sign-off is written five times scores about 0.3, a sign-off looped to the token cap about 0.8. Degenerate repetition is how a hacked generator often
+    pads an answer that the discriminator scores well.
+    """
+    grams = _ngrams(tokenize(text), n)
+    total = sum(grams.values())
+    return 1.0 - len(grams) / total if total else 0.0
 
 
 def mean(values: Iterable[float]) -> float | None:
