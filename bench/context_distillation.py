@@ -15,7 +15,8 @@ summary over seeds (mean, std) written to ``<out>/summary.json`` and ``<out>/sum
 paired statistics and per-seed curves of ``bench/study_analysis.py`` (``paired.md``,
 ``training_curves.png``). A seed whose evaluation finished is read back, not rerun, so an
 interrupted study resumes where it stopped and later seeds can be added to the same ``--out``;
-``--reevaluate`` scores finished seeds again from their generations (after a metric changes).
+``--reevaluate`` scores finished seeds again from their generations (after a metric changes, or
+to judge them with ``--judge-url``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ METRICS = {
     "distinguishability": lambda m: (m.get("distinguishability") or {}).get("accuracy"),
     "rouge_l": lambda m: m.get("rouge_l"),
     "repetition": lambda m: m.get("repetition"),
+    "judge_score": lambda m: m.get("judge_score"),
+    "judge_score_lc": lambda m: m.get("judge_score_lc"),
     "len_mean": lambda m: m.get("len_mean"),
 }
 
@@ -59,15 +62,23 @@ def run_seed(root: Path, seed: int, budget: Budget, teacher: TeacherConfig, reci
     (run / "data").mkdir(parents=True, exist_ok=True)
     for name in ("train.jsonl", "test.jsonl"):
         (run / "data" / name).write_text((root / "data" / name).read_text())
-    cfg = build_config(run, budget, teacher, seed=seed)
-    # log-likelihoods under the teacher carry its ~330-token context: 80 prompts (every other one, so
-    # 40 of each held-out set) keep eval to minutes
-    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"loglik_max_examples": 80})})
+    cfg = seed_config(run, budget, teacher, seed, recipe)
     if not results.is_file():
         train_and_generate(cfg, run, budget, recipe)
     evaluate_run(cfg)
     add_style_rates(cfg)
     return json.loads(results.read_text())
+
+
+def seed_config(run: Path, budget: Budget, teacher: TeacherConfig, seed: int, recipe: argparse.Namespace) -> RunConfig:
+    """The quickstart's config for one seed, evaluated on 80 log-likelihood prompts (every other one:
+    40 of each held-out set; scoring under the teacher carries its ~330-token context) and judged
+    by ``--judge-url`` when given."""
+    cfg = build_config(run, budget, teacher, seed=seed)
+    judge = None
+    if recipe.judge_url:
+        judge = TeacherConfig(base_url=recipe.judge_url, model=recipe.judge_model, api_key_env=recipe.judge_key_env)
+    return cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"loglik_max_examples": 80, "judge": judge})})
 
 
 def train_and_generate(cfg: RunConfig, run: Path, budget: Budget, recipe: argparse.Namespace) -> None:
@@ -107,7 +118,7 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def main_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/context_distillation")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -122,9 +133,18 @@ def main() -> None:
     ap.add_argument("--seqkd-batch-prompts", type=int, default=8)
     ap.add_argument("--frozen", action=argparse.BooleanOptionalAction, default=True,
                     help="also train the frozen-D ablation (doubles GAD's time)")
+    ap.add_argument("--judge-url", help="OpenAI-compatible judge endpoint (paper: GPT-4o); adds the judge score and "
+                    "its length-controlled version. Finished seeds are judged with --reevaluate")
+    ap.add_argument("--judge-model", default="gpt-4o", help="the judge's model name at --judge-url")
+    ap.add_argument("--judge-key-env", default="OPENAI_API_KEY",
+                    help="environment variable holding the judge's API key (the key is never written)")
     ap.add_argument("--reevaluate", action="store_true",
                     help="score finished seeds again with the current evaluation code (their generations are kept)")
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = main_parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     start = time.monotonic()
     root = Path(a.out).resolve()

@@ -40,6 +40,7 @@ METRICS: dict[str, tuple[Reader, str]] = {
     "distinguished": (lambda d, g: d.get("distinguished"), "lower"),
     "rouge_l": (lambda d, g: d.get("rouge_l"), "higher"),
     "repetition": (lambda d, g: repetition(g["response"]), "lower"),
+    "judge": (lambda d, g: (d.get("judge") or {}).get("score"), "higher"),  # only when the study had a judge
     "num_tokens": (lambda d, g: d.get("num_tokens"), "neither"),
 }
 CURVES = {"d_acc": "D pair accuracy", "reward_mean": "reward (D score)", "len_vs_teacher": "length / teacher's",
@@ -94,10 +95,11 @@ def levels(seed_dirs: list[Path], models: list[str]) -> dict[str, dict[str, dict
 def levels_markdown(table: dict[str, dict[str, dict[str, dict[str, float]]]], seeds: int) -> list[str]:
     lines = [f"Per held-out set, each model's mean over prompts (mean ± std over {seeds} seeds):", ""]
     for held_out, models in table.items():
-        lines += [f"### {held_out} held-out prompts", "", "| model | " + " | ".join(METRICS) + " |",
-                  "|---" * (len(METRICS) + 1) + "|"]  # fmt: skip
+        cols = [m for m in METRICS if any(m in metrics for metrics in models.values())]
+        lines += [f"### {held_out} held-out prompts", "", "| model | " + " | ".join(cols) + " |",
+                  "|---" * (len(cols) + 1) + "|"]  # fmt: skip
         for tag, metrics in models.items():
-            cells = [f"{metrics[m]['mean']:.3f} ± {metrics[m]['std']:.3f}" if m in metrics else "-" for m in METRICS]
+            cells = [f"{metrics[m]['mean']:.3f} ± {metrics[m]['std']:.3f}" if m in metrics else "-" for m in cols]
             lines.append(f"| {tag} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines

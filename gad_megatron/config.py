@@ -96,6 +96,11 @@ class HackingGuardConfig(_Strict):
         None, gt=0.0, description="Alarm when the mean reward (moving average) exceeds its baseline by more than "
         "this. Default: off (D's score scale is arbitrary, so no bound fits every run).",
     )
+    max_repetition_rise: float | None = Field(
+        None, gt=0.0, le=1.0, description="Alarm when the rollouts' repetition (moving average of the share of "
+        "their word 4-grams that repeat) exceeds its baseline by more than this: a generator that loops a phrase "
+        "D rewards. Default: off (not yet calibrated on a long run).",
+    )
     stop: bool = Field(False, description="On an alarm, stop the stage after the step's checkpoint handling (exit 1, "
                        "naming the last checkpoint saved before the first alarm); off: warn and go on.")
 

@@ -14,7 +14,7 @@ from gad_megatron.config import HackingGuardConfig
 from gad_megatron.trainer.hacking_guard import ALARMS, HackingGuard, last_good_checkpoint
 from gad_megatron.trainer.metrics import logged_rows
 
-HEALTHY = {"len_vs_teacher": 1.0, "truncated_frac": 0.1, "d_acc": 0.7, "reward_mean": 0.0}
+HEALTHY = {"len_vs_teacher": 1.0, "truncated_frac": 0.1, "d_acc": 0.7, "reward_mean": 0.0, "repetition": 0.05}
 
 
 def rows(n: int, start: int = 1, **changed: float) -> list[dict]:
@@ -30,7 +30,8 @@ def test_the_config_section_is_strict_with_the_documented_defaults() -> None:
     from gad_megatron.config import ConfigError, RunConfig, parse_config
 
     assert RunConfig(run_dir="r", data={"path": "hub/set"}).train.hacking_guard == HackingGuardConfig(
-        window=5, max_length_growth=1.5, max_truncation_rise=0.25, min_d_acc=0.15, max_reward_rise=None, stop=False)
+        window=5, max_length_growth=1.5, max_truncation_rise=0.25, min_d_acc=0.15, max_reward_rise=None,
+        max_repetition_rise=None, stop=False)
     with pytest.raises(ConfigError, match=r"train.hacking_guard.max_length: unknown key"):
         parse_config({"run_dir": "r", "data": {"path": "hub/set"}, "train": {"hacking_guard": {"max_length": 2}}})
     with pytest.raises(ConfigError, match=r"train.hacking_guard.window"):
@@ -38,11 +39,11 @@ def test_the_config_section_is_strict_with_the_documented_defaults() -> None:
 
 
 def test_silent_on_flat_healthy_rows_and_nothing_checked_before_a_full_window(caplog) -> None:
-    out = run(HackingGuard(HackingGuardConfig(max_reward_rise=0.5)), rows(30))
+    out = run(HackingGuard(HackingGuardConfig(max_reward_rise=0.5, max_repetition_rise=0.1)), rows(30))
     assert all(o[ALARMS] == 0 for o in out)
     assert set(out[3]) == {ALARMS}, "step 4: fewer than window=5 steps, no signal yet"
     assert out[4] == pytest.approx({"guard/length_vs_teacher": 1.0, "guard/truncation_rise": 0.0, "guard/d_acc": 0.7,
-                                    "guard/reward_rise": 0.0, ALARMS: 0.0})  # fmt: skip
+                                    "guard/reward_rise": 0.0, "guard/repetition_rise": 0.0, ALARMS: 0.0})  # fmt: skip
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -51,6 +52,7 @@ def test_silent_on_flat_healthy_rows_and_nothing_checked_before_a_full_window(ca
     ({"truncated_frac": 0.5}, "max_truncation_rise", {}),
     ({"d_acc": 0.05}, "min_d_acc", {}),
     ({"reward_mean": 2.0}, "max_reward_rise", {"max_reward_rise": 1.0}),
+    ({"repetition": 0.4}, "max_repetition_rise", {"max_repetition_rise": 0.2}),
 ])  # fmt: skip
 def test_each_bound_fires_alone(changed: dict, key: str, cfg: dict, caplog) -> None:
     guard = HackingGuard(HackingGuardConfig(**cfg))
@@ -64,10 +66,11 @@ def test_each_bound_fires_alone(changed: dict, key: str, cfg: dict, caplog) -> N
     assert f"step {guard.first_alarm}:" in warnings[0]
 
 
-def test_reward_rise_is_reported_but_not_checked_by_default() -> None:
+def test_reward_and_repetition_rises_are_reported_but_not_checked_by_default() -> None:
     guard = HackingGuard(HackingGuardConfig())
-    out = run(guard, rows(5) + rows(5, start=6, reward_mean=9.0))
+    out = run(guard, rows(5) + rows(5, start=6, reward_mean=9.0, repetition=0.85))
     assert out[-1]["guard/reward_rise"] == pytest.approx(9.0) and out[-1][ALARMS] == 0
+    assert out[-1]["guard/repetition_rise"] == pytest.approx(0.8)
 
 
 def test_a_resumed_run_keeps_its_baseline_from_the_logged_rows(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from tests.helpers.torchrun import ENV, ROOT, free_port
 
 GAD_METRICS = {
     "d_loss", "d_acc", "teacher_score", "student_score", "reward_mean", "reward_std", "adv_std", "kl",
-    "policy_loss", "clip_frac", "entropy", "grad_norm_g", "grad_norm_d", "len_mean", "len_max", "truncated_frac",
+    "policy_loss", "clip_frac", "entropy", "grad_norm_g", "grad_norm_d", "len_mean", "len_max", "truncated_frac", "repetition",
     "time/rollout", "time/d_update", "time/g_update", "time/sync", "time/step",
 }  # no time/scoring: a prompt's teacher answer and rollouts fit one micro-batch, D scores and learns in one pass
 

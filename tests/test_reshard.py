@@ -90,7 +90,10 @@ def test_rollouts_are_reencoded_like_teacher_text(encoder: TextEncoder) -> None:
     assert list(cut.d_input_ids) == encoder.prompt_ids(prompt) + encoder.tokenizer("Paris is the")["input_ids"]
     assert (done.truncated, cut.truncated, done.length, cut.length) == (False, True, 3, 6)
     metrics = rollout_metrics([done, cut])
-    assert metrics == {"rollout/length_mean": 4.5, "rollout/length_max": 6.0, "rollout/truncated": 0.5}
+    assert metrics == {"rollout/length_mean": 4.5, "rollout/length_max": 6.0, "rollout/truncated": 0.5,
+                       "rollout/repetition": 0.0}  # fmt: skip
+    looped = to_rollout(Completion(0, [1] * 6, "Paris! Paris! Paris! Paris! Paris!", [-0.1] * 6, "length"), prompt, encoder)
+    assert rollout_metrics([done, looped])["rollout/repetition"] == pytest.approx(0.5 / 2), "2 word 4-grams, 1 distinct"
 
 
 def test_rollout_seed_is_a_stable_function_of_seed_step_prompt() -> None:

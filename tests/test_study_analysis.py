@@ -19,13 +19,13 @@ LOOPED = STYLED + " Stay curious! Stay curious!"
 
 
 def _model(seed_dir: Path, tag: str, loglik: float, styled: set[str], cut: set[str] = frozenset(),
-           looped: set[str] = frozenset()) -> None:
+           looped: set[str] = frozenset(), judge: float = 0.5) -> None:
     write_jsonl(seed_dir / "generations" / tag / "test.jsonl", [
         {"id": i, "response": LOOPED if i in looped else STYLED if i in styled else "It depends.",
          "finish_reason": "length" if i in cut else "stop"} for i in IDS])  # fmt: skip
     write_jsonl(seed_dir / "eval" / tag / "test.jsonl", [
-        {"id": i, "num_tokens": 9, "rouge_l": 0.25, "distinguished": 0.5, "loglik_under_teacher": loglik}
-        for i in IDS])  # fmt: skip
+        {"id": i, "num_tokens": 9, "rouge_l": 0.25, "distinguished": 0.5, "loglik_under_teacher": loglik,
+         "judge": {"score": judge if i != "vicuna-1" else None}} for i in IDS])  # fmt: skip
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def study(tmp_path: Path) -> Path:
         # GAD carries the style on every prompt, though seed 1 cuts one Vicuna answer at the cap
         # and loops its sign-off on one MT-Bench prompt
         _model(run, "gad-final", -0.5 + 0.1 * seed, styled=set(IDS), cut={"vicuna-0"} if seed else set(),
-               looped={"mtbench-81"})
+               looped={"mtbench-81"}, judge=0.5 + 0.1 * (seed + 1))
         _model(run, "frozen-gad-final", -2.0, styled=set())
         (run / "eval" / "results.json").write_text(json.dumps({"models": ["seqkd-final", "gad-final", "frozen-gad-final"]}))
         for stage in (run / "gad", run / "frozen" / "gad"):
@@ -68,6 +68,7 @@ def test_paired_differences_per_held_out_set(study: Path, monkeypatch: pytest.Mo
     loop = repetition(LOOPED)
     assert loop > 0.1 and mtbench["repetition"]["mean"] == pytest.approx(loop / 4)
     assert vicuna["repetition"]["mean"] == 0.0
+    assert vicuna["judge"]["mean"] == pytest.approx(0.15) and vicuna["judge"]["n"] == 3, "vicuna-1 was not judged"
     levels = saved["levels"]
     assert levels["vicuna"]["gad-final"]["loglik_under_teacher"] == pytest.approx({"mean": -0.45, "std": 0.1 / 2**0.5})
     assert levels["vicuna"]["seqkd-final"]["style"] == {"mean": 0.0, "std": 0.0}
@@ -80,3 +81,22 @@ def test_paired_differences_per_held_out_set(study: Path, monkeypatch: pytest.Mo
     assert "### GAD vs SeqKD, vicuna held-out prompts" in md and "| loglik_under_teacher | higher | +0.550 *" in md
     assert "pooled 0/8 p=0.00781" in md
     assert (study / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_each_seed_is_judged_when_the_study_has_a_judge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    from context_distillation import main_parser, seed_config
+
+    from gad_megatron.quickstart import FULL, teacher_config
+
+    teacher = teacher_config(48, "http://127.0.0.1:9/v1")
+    for seed in ("seed0", "seed1"):
+        write_jsonl(tmp_path / seed / "data" / "train.jsonl", [{"id": "a", "prompt": "Hi?", "teacher_response": "Hi."}])
+    plain = seed_config(tmp_path / "seed0", FULL, teacher, 0, main_parser().parse_args([]))
+    assert plain.eval.judge is None and plain.eval.loglik_max_examples == 80 and plain.seed == 0
+    recipe = main_parser().parse_args(["--judge-url", "http://127.0.0.1:8/v1", "--judge-model", "judge-m",
+                                       "--judge-key-env", "JUDGE_KEY"])  # fmt: skip
+    judged = seed_config(tmp_path / "seed1", FULL, teacher, 1, recipe)
+    assert (judged.eval.judge.base_url, judged.eval.judge.model, judged.eval.judge.api_key_env) == (
+        "http://127.0.0.1:8/v1", "judge-m", "JUDGE_KEY")
+    assert judged.teacher == plain.teacher and judged.seed == 1

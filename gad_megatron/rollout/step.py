@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gad_megatron.data import Messages
+from gad_megatron.evaluation.text_metrics import repetition
 from gad_megatron.rollout.engine import Completion, InferenceEngine, SamplingParams
 from gad_megatron.text_encoding import TextEncoder
 
@@ -115,10 +116,12 @@ def rollout_step(
 
 
 def rollout_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
-    """Mean and max completion length (tokens) and the truncated fraction, for the step's log."""
+    """Mean and max completion length (tokens), the truncated fraction and the mean repetition of
+    the text (seq-rep-4, as `gad eval` reports it), for the step's log."""
     lengths = [r.length for r in rollouts]
     return {
         "rollout/length_mean": sum(lengths) / max(len(lengths), 1),
         "rollout/length_max": float(max(lengths, default=0)),
         "rollout/truncated": sum(r.truncated for r in rollouts) / max(len(rollouts), 1),
+        "rollout/repetition": sum(repetition(r.text) for r in rollouts) / max(len(rollouts), 1),
     }

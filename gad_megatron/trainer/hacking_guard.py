@@ -2,12 +2,13 @@
 
 GAD (arXiv 2511.10643) reports that a frozen discriminator is hacked within a few hundred
 steps: responses grow far past the teacher's while D's scores rise. Each step the guard reads
-four logged signals, averages each over the last ``window`` steps and checks it against a bound:
+five logged signals, averages each over the last ``window`` steps and checks it against a bound:
 
     guard/length_vs_teacher  mean len_vs_teacher (rollout / teacher token length)   > max_length_growth
     guard/truncation_rise    mean truncated_frac - its mean over the first window   > max_truncation_rise
     guard/d_acc              mean d_acc (D's pair accuracy, frozen D included)      < min_d_acc
     guard/reward_rise        mean reward_mean - its mean over the first window      > max_reward_rise (off: None)
+    guard/repetition_rise    mean repetition (rollouts' seq-rep-4) - its first mean > max_repetition_rise (off: None)
 
 No bound is checked before the stage has logged ``window`` steps. The baseline is the stage's
 first ``window`` logged steps, so a resumed run rebuilds it from ``metrics.jsonl`` (the rows
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # guard metric -> the logged step metric it averages
 SIGNALS = {"guard/length_vs_teacher": "len_vs_teacher", "guard/truncation_rise": "truncated_frac",
-           "guard/d_acc": "d_acc", "guard/reward_rise": "reward_mean"}  # fmt: skip
+           "guard/d_acc": "d_acc", "guard/reward_rise": "reward_mean", "guard/repetition_rise": "repetition"}  # fmt: skip
 ALARMS = "guard/alarms"
 
 
@@ -75,6 +76,7 @@ class HackingGuard:
             "guard/truncation_rise": (self._rise("truncated_frac"), c.max_truncation_rise, "max_truncation_rise"),
             "guard/d_acc": (self._recent("d_acc"), c.min_d_acc, "min_d_acc"),
             "guard/reward_rise": (self._rise("reward_mean"), c.max_reward_rise, "max_reward_rise"),
+            "guard/repetition_rise": (self._rise("repetition"), c.max_repetition_rise, "max_repetition_rise"),
         }
 
     def observe(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -291,10 +291,12 @@ def _teacher_length(encoder: TextEncoder, response: str) -> int:
 
 
 def _rollout_metrics(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout]) -> dict[str, float]:
-    """Rollout lengths and truncated share; ``len_vs_teacher``: their mean over the teacher's on the same prompts."""
+    """Rollout lengths, truncated share and repetition; ``len_vs_teacher``: their mean length over the
+    teacher's on the same prompts."""
     m = rollout_metrics(rollouts)
     teacher = [_teacher_length(ctx.encoder, p["teacher_response"]) for p in prompts]
     len_mean, teacher_len_mean = dp_mean(m["rollout/length_mean"]), dp_mean(sum(teacher) / max(len(teacher), 1))
     return {"len_mean": len_mean, "len_max": _dp_max(m["rollout/length_max"]),
-            "truncated_frac": dp_mean(m["rollout/truncated"]), "teacher_len_mean": teacher_len_mean,
+            "truncated_frac": dp_mean(m["rollout/truncated"]), "repetition": dp_mean(m["rollout/repetition"]),
+            "teacher_len_mean": teacher_len_mean,
             "len_vs_teacher": len_mean / max(teacher_len_mean, 1.0)}  # fmt: skip
