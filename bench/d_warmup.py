@@ -59,9 +59,14 @@ def encoder_for(cfg: RunConfig, tokenizer: Any) -> TextEncoder:
 
 
 def heldout_rows(cfg: RunConfig, source: Path, out: Path, n: int) -> list[dict[str, Any]]:
-    """Per test prompt: D's token ids of the teacher answer and of ``n`` SeqKD rollouts
-    (transformers engine, the trainer's rollout path). Sampled once, then read from ``out``."""
-    path = out / "heldout_rollouts.jsonl"
+    """Per test prompt: D's token ids of the teacher answer and of ``n`` SeqKD rollouts. Sampled
+    once into ``out/heldout_rollouts.jsonl``, then read from there."""
+    return rollout_rows(cfg, source, out / "heldout_rollouts.jsonl", read_jsonl(source / "data" / "test.jsonl"), n)
+
+
+def rollout_rows(cfg: RunConfig, source: Path, path: Path, records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Per record: D's token ids of its teacher answer and of ``n`` rollouts of the SeqKD model at
+    the training temperature (transformers engine, the trainer's rollout path). Cached in ``path``."""
     if path.is_file():
         return read_jsonl(path)
     from gad_megatron.rollout.hf_engine import TransformersEngine
@@ -70,22 +75,22 @@ def heldout_rows(cfg: RunConfig, source: Path, out: Path, n: int) -> list[dict[s
     start = time.monotonic()
     engine = TransformersEngine.from_pretrained(str(source / "seqkd" / "final"))
     encoder = encoder_for(cfg, engine.tokenizer)
-    records = read_jsonl(source / "data" / "test.jsonl")
     settings = RolloutSettings(n=n, max_tokens=cfg.train.max_response_length, temperature=cfg.train.temperature)
     rollouts = rollout_step(engine, [r["prompt"] for r in records], encoder, encoder, settings, cfg.seed, 0, 0)
     rows = [{"id": r["id"], "teacher_ids": encoder.encode(r["prompt"], r["teacher_response"]),
              "rollout_ids": [list(x.d_input_ids) for x in rollouts if x.prompt_index == i],
              "rollout_texts": [x.text for x in rollouts if x.prompt_index == i]}
             for i, r in enumerate(records)]  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(path, rows)
-    log.info("held-out rollouts: %d prompts x %d in %.0f s", len(rows), n, time.monotonic() - start)
+    log.info("%s: %d prompts x %d rollouts in %.0f s", path.name, len(rows), n, time.monotonic() - start)
     return rows
 
 
 @torch.no_grad()
 def heldout_accuracy(d_dir: Path, rows: list[dict[str, Any]], batch_size: int = 16) -> tuple[float, float]:
     """Pair accuracy of the HF discriminator in ``d_dir`` on the held-out rows, and its standard
-    error over prompts (a prompt's pairs share its teacher answer: they are not independent)."""
+    error over prompts."""
     from gad_megatron.evaluation.hf_discriminator import load_hf_discriminator, score_sequences
     from gad_megatron.text_encoding import right_pad
 
@@ -93,10 +98,15 @@ def heldout_accuracy(d_dir: Path, rows: list[dict[str, Any]], batch_size: int = 
     seqs = [ids for r in rows for ids in (r["teacher_ids"], *r["rollout_ids"])]
     scores = torch.cat([score_sequences(model, *right_pad(seqs[i : i + batch_size], model.config.pad_token_id))
                         for i in range(0, len(seqs), batch_size)])  # fmt: skip
-    groups_PK = scores.view(len(rows), -1)  # every prompt has n rollouts
+    return accuracy_and_se(scores.view(len(rows), -1))  # every prompt has n rollouts
+
+
+def accuracy_and_se(groups_PK: torch.Tensor) -> tuple[float, float]:
+    """Pair accuracy of scores ``[P, 1 + n]`` (teacher first, then its n rollouts; ties wrong) and its
+    standard error over prompts (a prompt's pairs share its teacher answer: they are not independent)."""
     per_prompt_P = (groups_PK[:, :1] > groups_PK[:, 1:]).float().mean(dim=1)
     accuracy = float(pair_accuracy(groups_PK[:, 0], groups_PK[:, 1:]))
-    return accuracy, float(per_prompt_P.std() / len(rows) ** 0.5)
+    return accuracy, float(per_prompt_P.std() / len(groups_PK) ** 0.5)
 
 
 def run_variant(cfg: RunConfig, source: Path, out: Path, v: Variant) -> dict[str, Any]:

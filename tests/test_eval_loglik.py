@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gad_megatron.evaluation.loglik import (candidate_loglik, encode_pair, mean_loglik, response_logprobs,
-                                            shared_prefix_length, teacher_loglik)
+                                            shared_prefix_length, teacher_loglik, token_logprobs)
 
 PROMPTS = [
     [{"role": "user", "content": "Name a colour."}],
@@ -17,14 +17,14 @@ RESPONSES = ["Blue.", "  The sea is wide and calm tonight.\n", "4"]
 CONTEXT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, friend!"}]
 
 
-def _direct(model, tok, prompt, response, finished=True, context=()):
+def _direct(model, tok, prompt, response, finished=True, context=(), temperature=1.0):
     """One sequence, no padding, no batching: sum of log p(response token | prefix)."""
     messages = list(context) + prompt
     prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     resp_ids = tok(response.strip(), add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if finished else [])
     ids = torch.tensor([list(prompt_ids) + resp_ids])
     with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float() / temperature, dim=-1)
     total = sum(logp[len(prompt_ids) + j - 1, t].item() for j, t in enumerate(resp_ids))
     return total, len(resp_ids)
 
@@ -90,3 +90,16 @@ def test_shared_context_forwarded_once_gives_the_same_values(tiny_lm, tiny_token
         direct, n = _direct(tiny_lm, tiny_tokenizer, p, r, f, LONG_CONTEXT)
         assert n_c == n_p == n
         assert s_c == pytest.approx(direct, abs=1e-4) and s_p == pytest.approx(direct, abs=1e-4)
+
+
+def test_token_logprobs_at_a_sampling_temperature(tiny_lm, tiny_tokenizer):
+    """Token-id pairs scored under softmax(logits / T): the density of a sampler at temperature T."""
+    finished = [True, False, True]
+    pairs = [encode_pair(tiny_tokenizer, p, r, f, LONG_CONTEXT) for p, r, f in zip(PROMPTS, RESPONSES, finished)]
+    at_t = token_logprobs(tiny_lm, pairs, tiny_tokenizer.pad_token_id or 0, batch_size=2, temperature=0.7)
+    at_1 = token_logprobs(tiny_lm, pairs, tiny_tokenizer.pad_token_id or 0, batch_size=2)
+    for p, r, f, (s_t, n), (s_1, _) in zip(PROMPTS, RESPONSES, finished, at_t, at_1):
+        assert s_t == pytest.approx(_direct(tiny_lm, tiny_tokenizer, p, r, f, LONG_CONTEXT, 0.7)[0], abs=1e-4)
+        assert s_1 == pytest.approx(_direct(tiny_lm, tiny_tokenizer, p, r, f, LONG_CONTEXT)[0], abs=1e-4)
+        assert n == len(encode_pair(tiny_tokenizer, p, r, f, LONG_CONTEXT)[1])
+    assert [s for s, _ in at_t] != pytest.approx([s for s, _ in at_1], abs=1e-3)

@@ -22,7 +22,7 @@ import torch
 
 from gad_megatron.rollout.hf_engine import cache_keyword
 
-__all__ = ["encode_pair", "shared_prefix_length", "response_logprobs", "mean_loglik", "teacher_loglik", "candidate_loglik"]
+__all__ = ["encode_pair", "shared_prefix_length", "response_logprobs", "token_logprobs", "mean_loglik", "teacher_loglik", "candidate_loglik"]
 
 Messages = list[dict[str, str]]
 
@@ -53,22 +53,29 @@ def shared_prefix_length(seqs: Sequence[Sequence[int]], limit: int) -> int:
     return n
 
 
-@torch.no_grad()
 def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Messages], responses: Sequence[str],
                       finished: Sequence[bool] | None = None, context: Sequence[dict[str, str]] | None = None,
                       batch_size: int = 8, min_shared_prefix: int = 16) -> list[tuple[float, int]]:
-    """Per example ``(sum of response-token log-probs, number of response tokens)``.
+    """Per example ``(sum of response-token log-probs, number of response tokens)``."""
+    finished = finished if finished is not None else [True] * len(prompts)
+    pairs = [encode_pair(tokenizer, p, r, f, context) for p, r, f in zip(prompts, responses, finished)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return token_logprobs(model, pairs, pad, batch_size, min_shared_prefix)
+
+
+@torch.no_grad()
+def token_logprobs(model: Any, pairs: Sequence[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 8,
+                   min_shared_prefix: int = 16, temperature: float = 1.0) -> list[tuple[float, int]]:
+    """Per ``(prompt_ids, response_ids)`` pair: ``(sum of response-token log-probs, number of response tokens)``
+    under ``softmax(logits / temperature)``, the distribution a sampler at that temperature draws from.
 
     When every prompt starts with the same ``>= min_shared_prefix`` tokens (a teacher's hidden
     context, a chat template's default system prompt), that prefix is forwarded once and its KV
     cache reused by every batch: the same values to float rounding, a fraction of the compute.
     """
-    finished = finished if finished is not None else [True] * len(prompts)
-    pairs = [encode_pair(tokenizer, p, r, f, context) for p, r, f in zip(prompts, responses, finished)]
     if not pairs:
         return []
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # The last prompt token stays outside the prefix: its logits predict the first response token.
     shared = shared_prefix_length([p for p, _ in pairs], min(len(p) for p, _ in pairs) - 1)
     shared = shared if shared >= min_shared_prefix else 0
@@ -82,7 +89,7 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Messages], r
             seqs = [(p + r)[shared:] for p, r in chunk]
             width = max(len(s) for s in seqs)
             # Right padding: positions (and so rotary embeddings) match an unpadded forward pass.
-            ids_BW = torch.full((len(seqs), width), pad, dtype=torch.long)
+            ids_BW = torch.full((len(seqs), width), pad_id, dtype=torch.long)
             mask_BW = torch.zeros((len(seqs), shared + width), dtype=torch.long)
             mask_BW[:, :shared] = 1
             for i, s in enumerate(seqs):
@@ -97,7 +104,7 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[Messages], r
             # Logits only from the first position that predicts a response token: [B, K, V].
             first = min(len(p) for p, _ in chunk) - 1 - shared
             logits_BKV = model(input_ids=ids_BW.to(device), attention_mask=mask_BW.to(device),
-                               logits_to_keep=width - first, **kwargs).logits[:, :-1].float()  # fmt: skip
+                               logits_to_keep=width - first, **kwargs).logits[:, :-1].float() / temperature  # fmt: skip
             targets_BK = ids_BW[:, first + 1 :].to(device)
             logp_BK = logits_BKV.gather(-1, targets_BK.unsqueeze(-1)).squeeze(-1) - logits_BKV.logsumexp(-1)
             for i, (p, r) in enumerate(chunk):
