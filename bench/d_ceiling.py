@@ -20,6 +20,11 @@ scores; each is ranked as D is (teacher above rollout = right, ties wrong):
 - ``teacher_loglik``: ``log p_teacher(y | context, x)`` alone.
 - ``student_surprise``: ``-log p_student(y | x)``: what the warmed-up G's own likelihood says.
 - ``length``: response tokens (longer = teacher).
+- ``inside_teacher_top_k``: minus the number of response tokens outside the teacher's ``--top-k``
+  most likely next tokens (default 40: the llama.cpp server's default ``top_k``, which the
+  quickstart's requests do not set; its ``min_p`` 0.05 and ``repeat_penalty`` 1.1 are not modelled).
+  A sampler with that cut never emits such a token; the student samples the whole softmax.
+  The share of sequences with at least one is reported for both sides.
 - ``d``: the trained D of ``--d`` dirs (HF sequence classifiers), e.g. the quickstart's warmup D.
 
 Each on all pairs and on the pairs whose teacher answer ends within the training length (the
@@ -58,7 +63,7 @@ def teacher_prompt_ids(cfg: RunConfig, tokenizer: Any, prompt: list[dict[str, st
                                               return_dict=False))  # fmt: skip
 
 
-def sequence_scores(cfg: RunConfig, source: Path, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def sequence_scores(cfg: RunConfig, source: Path, rows: list[dict[str, Any]], top_k: int) -> dict[str, torch.Tensor]:
     """Per score name: ``[P, 1 + n]`` (teacher answer first, then its rollouts), one entry per sequence."""
     from gad_megatron.data import read_jsonl
     from gad_megatron.evaluation.loglik import token_logprobs
@@ -87,21 +92,21 @@ def sequence_scores(cfg: RunConfig, source: Path, rows: list[dict[str, Any]]) ->
     shape = (len(rows), -1)
     s_logp = torch.tensor([s for s, _ in student]).view(shape)
     t_logp = torch.tensor([s for s, _ in teacher]).view(shape)
+    outside = torch.tensor([float(n) for n in outside_top_k(teacher_lm, teacher_pairs, top_k)]).view(shape)
     return {"oracle": t_logp - s_logp, "teacher_loglik": t_logp, "student_surprise": -s_logp,
-            "length": torch.tensor([float(n) for _, n in student]).view(shape)}  # fmt: skip
+            "length": torch.tensor([float(n) for _, n in student]).view(shape), "inside_teacher_top_k": -outside}  # fmt: skip
 
 
-def d_scores(d_dir: Path, rows: list[dict[str, Any]], batch_size: int = 16) -> torch.Tensor:
-    """A trained HF discriminator's scores ``[P, 1 + n]``."""
-    from gad_megatron.evaluation.hf_discriminator import load_hf_discriminator, score_sequences
-    from gad_megatron.text_encoding import right_pad
-
-    model = load_hf_discriminator(str(d_dir)).eval()
-    seqs = [ids for r in rows for ids in (r["teacher_ids"], *r["rollout_ids"])]
-    with torch.no_grad():
-        scores = torch.cat([score_sequences(model, *right_pad(seqs[i : i + batch_size], model.config.pad_token_id))
-                            for i in range(0, len(seqs), batch_size)])  # fmt: skip
-    return scores.view(len(rows), -1)
+@torch.no_grad()
+def outside_top_k(model: Any, pairs: list[tuple[list[int], list[int]]], k: int) -> list[int]:
+    """Per ``(prompt_ids, response_ids)``: response tokens outside the model's ``k`` most likely next tokens."""
+    counts = []
+    for prompt_ids, response_ids in pairs:
+        logits_RV = model(input_ids=torch.tensor([prompt_ids + response_ids])).logits[0].float()
+        logits_RV = logits_RV[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(response_ids)]
+        chosen_R = logits_RV.gather(-1, torch.tensor(response_ids)[:, None])
+        counts.append(int(((logits_RV > chosen_R).sum(-1) >= k).sum()))
+    return counts
 
 
 def teacher_complete(rows: list[dict[str, Any]], eos_ids: set[int]) -> torch.Tensor:
@@ -110,7 +115,7 @@ def teacher_complete(rows: list[dict[str, Any]], eos_ids: set[int]) -> torch.Ten
 
 
 def main() -> None:
-    from d_warmup import accuracy_and_se, heldout_rows  # this script's folder is on sys.path
+    from d_warmup import accuracy_and_se, d_scores, heldout_rows  # this script's folder is on sys.path
 
     from gad_megatron.models.sources import load_tokenizer
     from gad_megatron.text_encoding import TextEncoder
@@ -120,6 +125,7 @@ def main() -> None:
     ap.add_argument("--heldout-dir", default="runs/d_warmup", help="where bench/d_warmup.py keeps its held-out rollouts")
     ap.add_argument("--out", default=None, help="default: --heldout-dir")
     ap.add_argument("--n", type=int, default=8, help="held-out rollouts per test prompt (if sampled here)")
+    ap.add_argument("--top-k", type=int, default=40, help="the teacher sampler's top-k cut (llama.cpp server default)")
     ap.add_argument("--d", action="append", default=[], help="name=path of an HF discriminator to score too")
     a = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -128,7 +134,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(source / "config.yaml")
     rows = heldout_rows(cfg, source, heldout, a.n)
-    scores = sequence_scores(cfg, source, rows)
+    scores = sequence_scores(cfg, source, rows, a.top_k)
     for spec in a.d:
         name, path = spec.split("=", 1)
         scores[f"d:{name}"] = d_scores(Path(path), rows)
@@ -141,13 +147,17 @@ def main() -> None:
         results.append({"score": name, "acc": acc, "se": se, "acc_complete": acc_c, "se_complete": se_c})
     summary = {"source": str(source), "prompts": len(rows), "pairs": sum(len(r["rollout_ids"]) for r in rows),
                "prompts_teacher_complete": int(complete_P.sum()), "results": results,
-               "oracle_margin_mean": float((scores["oracle"][:, :1] - scores["oracle"][:, 1:]).mean())}  # fmt: skip
+               "oracle_margin_mean": float((scores["oracle"][:, :1] - scores["oracle"][:, 1:]).mean()),
+               "top_k": a.top_k, "teacher_answers_outside_top_k": float((scores["inside_teacher_top_k"][:, 0] < 0).float().mean()),
+               "rollouts_outside_top_k": float((scores["inside_teacher_top_k"][:, 1:] < 0).float().mean())}  # fmt: skip
     (out / "ceiling.json").write_text(json.dumps(summary, indent=1))
     lines = [f"| score | pair accuracy, all {summary['pairs']} pairs (+- s.e.) | "
              f"teacher answer complete ({summary['prompts_teacher_complete']} prompts) |", "|---|---|---|"]
     lines += [f"| {r['score']} | {r['acc']:.3f} +- {r['se']:.3f} | {r['acc_complete']:.3f} +- {r['se_complete']:.3f} |"
               for r in results]  # fmt: skip
     print("\n".join(lines))
+    print(f"with a token outside the teacher's top-{a.top_k}: teacher answers {summary['teacher_answers_outside_top_k']:.1%}, "
+          f"rollouts {summary['rollouts_outside_top_k']:.1%}")
 
 
 if __name__ == "__main__":

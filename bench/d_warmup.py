@@ -87,10 +87,15 @@ def rollout_rows(cfg: RunConfig, source: Path, path: Path, records: list[dict[st
     return rows
 
 
-@torch.no_grad()
-def heldout_accuracy(d_dir: Path, rows: list[dict[str, Any]], batch_size: int = 16) -> tuple[float, float]:
+def heldout_accuracy(d_dir: Path, rows: list[dict[str, Any]]) -> tuple[float, float]:
     """Pair accuracy of the HF discriminator in ``d_dir`` on the held-out rows, and its standard
     error over prompts."""
+    return accuracy_and_se(d_scores(d_dir, rows))
+
+
+@torch.no_grad()
+def d_scores(d_dir: Path, rows: list[dict[str, Any]], batch_size: int = 16) -> torch.Tensor:
+    """A trained HF discriminator's scores ``[P, 1 + n]`` (teacher answer first, then its rollouts)."""
     from gad_megatron.evaluation.hf_discriminator import load_hf_discriminator, score_sequences
     from gad_megatron.text_encoding import right_pad
 
@@ -98,7 +103,7 @@ def heldout_accuracy(d_dir: Path, rows: list[dict[str, Any]], batch_size: int = 
     seqs = [ids for r in rows for ids in (r["teacher_ids"], *r["rollout_ids"])]
     scores = torch.cat([score_sequences(model, *right_pad(seqs[i : i + batch_size], model.config.pad_token_id))
                         for i in range(0, len(seqs), batch_size)])  # fmt: skip
-    return accuracy_and_se(scores.view(len(rows), -1))  # every prompt has n rollouts
+    return scores.view(len(rows), -1)  # every prompt has n rollouts
 
 
 def accuracy_and_se(groups_PK: torch.Tensor) -> tuple[float, float]:
