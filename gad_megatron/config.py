@@ -47,6 +47,10 @@ class DataConfig(_Strict):
     limit: int | None = Field(None, gt=0, description="Use only the first N rows (smoke tests).")
 
 
+# Sampling fields of the OpenAI chat API that the teacher client sends as request arguments.
+SAMPLING_PARAMS = ("temperature", "top_p", "max_tokens", "n", "seed", "stop", "presence_penalty", "frequency_penalty")
+
+
 class TeacherConfig(_Strict):
     """An OpenAI-compatible chat endpoint (GPT-5, vLLM, llama.cpp...). Also used for the judge."""
 
@@ -63,6 +67,12 @@ class TeacherConfig(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int = Field(1536, gt=0, description="Paper: max response 1536 tokens.")
     n: int = Field(1, ge=1, description="Responses per prompt.")
+    extra_sampling: dict[str, float | int | bool] = Field(
+        default_factory=dict, description="Server-specific sampling fields sent in the request body and part of the "
+        "answer cache's key, e.g. llama.cpp's or vLLM's `top_k`, `min_p`, `repeat_penalty`. A llama.cpp server "
+        "otherwise applies its own defaults (top_k 40, min_p 0.05, repeat_penalty 1.1): `{top_k: 0, min_p: 0.0, "
+        "repeat_penalty: 1.0}` makes it sample at plain `temperature`.",
+    )
     concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
     max_attempts: int = Field(6, ge=1, description="Per request, before the row is recorded as failed.")
     timeout_s: float = Field(120.0, gt=0)
@@ -73,6 +83,14 @@ class TeacherConfig(_Strict):
     )
     price_per_1m_prompt_tokens: float | None = Field(None, ge=0)
     price_per_1m_completion_tokens: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _extra_sampling_is_extra(self) -> "TeacherConfig":
+        standard = sorted(set(self.extra_sampling) & {*SAMPLING_PARAMS, "model", "messages"})
+        if standard:
+            raise ValueError(f"teacher.extra_sampling: {', '.join(standard)} has its own field or is set by the "
+                             "client; extra_sampling is for server-specific fields (top_k, min_p, ...)")
+        return self
 
 
 class HackingGuardConfig(_Strict):

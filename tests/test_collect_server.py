@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -173,3 +174,20 @@ def test_missing_teacher_section_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="'teacher' section"):
         run_collect(cfg)
     assert not (tmp_path / "run" / "teacher.jsonl").exists()
+
+
+def test_extra_sampling_reaches_the_llama_cpp_sampler(server):
+    """teacher.extra_sampling goes to llama.cpp's own sampler: top_k 1 makes hot sampling greedy."""
+    from gad_megatron.teacher.client import ChatClient
+
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+    async def answers(cfg: TeacherConfig, seeds: range) -> list[str]:
+        async with ChatClient(cfg) as client:
+            return [(await client.complete(messages, seed=s)).text for s in seeds]
+
+    hot = asyncio.run(answers(teacher(server, temperature=1.5), range(1, 5)))
+    greedy_by_top_k = asyncio.run(answers(teacher(server, temperature=1.5, extra_sampling={"top_k": 1}), range(1, 5)))
+    greedy = asyncio.run(answers(teacher(server), range(1, 2)))
+    assert len(set(hot)) > 1, hot  # the seeds really vary a hot sampler
+    assert set(greedy_by_top_k) == set(greedy), (greedy_by_top_k, greedy)

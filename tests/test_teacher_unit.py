@@ -16,6 +16,7 @@ import sqlite3
 import time
 
 import pytest
+from pydantic import ValidationError
 
 from gad_megatron import collect as collect_module
 from gad_megatron.cache import ResponseCache, cache_key
@@ -438,3 +439,28 @@ def test_summary_reports_cost():
     assert "4 requests (1 retries)" in text and "cost $6.0000" in text
     assert stats.cost(cfg.model_copy(update={"price_per_1m_prompt_tokens": None,
                                              "price_per_1m_completion_tokens": None})) is None
+
+
+def test_extra_sampling_goes_in_the_body_and_the_cache_key():
+    """Server-specific fields (llama.cpp's top_k, min_p...) reach the endpoint and tell cached answers apart."""
+    script = Script()
+    extra = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+    client = make_client(script, extra_sampling=extra)
+    c = asyncio.run(_one(client, [{"role": "user", "content": "q"}], min_p=0.1))
+    assert c.ok
+    body = script.calls[0]["body"]
+    assert (body["top_k"], body["min_p"], body["repeat_penalty"]) == (0, 0.1, 1.0) and body["temperature"] == 0.8
+    plain_script = Script()
+    plain = make_client(plain_script)
+    messages = [{"role": "user", "content": "q"}]
+    assert client.cache_key(messages, client.sampling()) != plain.cache_key(messages, plain.sampling())
+    assert plain.cache_key(messages, plain.sampling()) == plain.cache_key(messages, plain.sampling({"n": 1}))
+    asyncio.run(_one(plain, messages))
+    assert not {"top_k", "min_p", "repeat_penalty"} & set(plain_script.calls[0]["body"])  # no extras, none sent
+    with pytest.raises(ValueError, match="unknown sampling parameter 'top_k'"):
+        plain.sampling({"top_k": 5})
+
+
+def test_extra_sampling_cannot_shadow_a_standard_field():
+    with pytest.raises(ValidationError, match="temperature has its own field"):
+        TeacherConfig(base_url="http://127.0.0.1:9/v1", model="m", extra_sampling={"temperature": 1.0, "top_k": 5})

@@ -13,14 +13,13 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from gad_megatron.cache import cache_key, normalize_sampling
-from gad_megatron.config import ConfigError, TeacherConfig
+from gad_megatron.config import SAMPLING_PARAMS, ConfigError, TeacherConfig
 from gad_megatron.data import Messages
 from gad_megatron.teacher.results import Completion, RequestStats, response_flags
 from gad_megatron.teacher.retry import MalformedResponse, RetryPolicy, backoff_delay, classify_error
 
 log = logging.getLogger(__name__)
 
-SAMPLING_PARAMS = ("temperature", "top_p", "max_tokens", "n", "seed", "stop", "presence_penalty", "frequency_penalty")
 NO_KEY = "not-needed"  # sent to local endpoints that take no key (the openai client insists on one)
 
 
@@ -108,10 +107,12 @@ class ChatClient:
             "top_p": self.cfg.top_p,
             "max_tokens": self.cfg.max_tokens,
             "n": self.cfg.n,
+            **self.cfg.extra_sampling,
         }
         for name, value in (overrides or {}).items():
-            if name not in SAMPLING_PARAMS:
-                raise ValueError(f"unknown sampling parameter '{name}' (known: {', '.join(SAMPLING_PARAMS)})")
+            if name not in SAMPLING_PARAMS and name not in self.cfg.extra_sampling:
+                known = ", ".join((*SAMPLING_PARAMS, *self.cfg.extra_sampling))
+                raise ValueError(f"unknown sampling parameter '{name}' (known: {known})")
             params[name] = value
         return normalize_sampling(params)
 
@@ -140,10 +141,12 @@ class ChatClient:
     # -- sending --------------------------------------------------------------------------------
 
     async def _send(self, messages: Messages, sampling: dict[str, Any]) -> Any:
-        params = dict(sampling)
+        params = {k: v for k, v in sampling.items() if k in SAMPLING_PARAMS}
+        extra = {k: v for k, v in sampling.items() if k not in SAMPLING_PARAMS}  # server-specific: in the body
         if _uses_max_completion_tokens(self.cfg.model) and "max_tokens" in params:
             params["max_completion_tokens"] = params.pop("max_tokens")
-        return await self._client.chat.completions.create(model=self.cfg.model, messages=messages, **params)
+        return await self._client.chat.completions.create(model=self.cfg.model, messages=messages,
+                                                          extra_body=extra or None, **params)
 
     def _to_completion(self, resp: Any, attempts: int, latency_s: float) -> Completion:
         choices = getattr(resp, "choices", None)
