@@ -80,18 +80,17 @@ class Groups:
 
 
 @torch.no_grad()
-def accuracy(groups: Groups, model: Any, pad_id: int, batch_prompts: int = 4) -> tuple[float, float]:
-    from d_warmup import accuracy_and_se
-
+def scores(groups: Groups, model: Any, pad_id: int, batch_prompts: int = 4) -> torch.Tensor:
+    """``[P, 1 + n]`` implicit rewards of every sequence of ``groups``, in eval mode."""
     model.eval()
-    scores = torch.cat([groups.margins(model, groups.rows[i : i + batch_prompts], pad_id)
-                        for i in range(0, len(groups.rows), batch_prompts)])  # fmt: skip
+    out = torch.cat([groups.margins(model, groups.rows[i : i + batch_prompts], pad_id)
+                     for i in range(0, len(groups.rows), batch_prompts)])  # fmt: skip
     model.train()
-    return accuracy_and_se(scores)
+    return out
 
 
 def main() -> None:
-    from d_warmup import heldout_rows, rollout_rows  # this script's folder is on sys.path
+    from d_warmup import accuracy_and_se, heldout_rows, rollout_rows  # this script's folder is on sys.path
 
     from gad_megatron.data import read_jsonl
     from gad_megatron.models.sources import load_causal_lm, load_tokenizer
@@ -125,13 +124,12 @@ def main() -> None:
     random.Random(cfg.seed).shuffle(train_rows)
     fit, held = Groups(train_rows[a.val_train :], prompt_len), Groups(train_rows[: a.val_train], prompt_len)
     eot = encoder.end_of_turn_ids()
-    complete = Groups([r for r in test.rows if r["teacher_ids"][-len(eot) :] == eot], prompt_len)
+    complete_P = torch.tensor([r["teacher_ids"][-len(eot) :] == eot for r in test.rows])
 
     start = time.monotonic()
     ref = load_causal_lm(seqkd).eval()
     for g in (fit, held, test):
         g.fill_reference(ref, pad)
-    complete.ref = test.ref
     del ref
     log.info("reference log-probs in %.0f s", time.monotonic() - start)
 
@@ -158,8 +156,10 @@ def main() -> None:
         start = time.monotonic()
         row = {"epoch": epoch, "loss": sum(losses) / len(losses), "train_acc_pre_update": sum(accs) / len(accs),
                "train_s": train_s}  # fmt: skip
-        for name, g in (("test", test), ("test_complete", complete), ("train_heldout", held)):
-            row[f"{name}_acc"], row[f"{name}_se"] = accuracy(g, model, pad)
+        test_PK = scores(test, model, pad)
+        for name, groups_PK in (("test", test_PK), ("test_complete", test_PK[complete_P]),
+                                ("train_heldout", scores(held, model, pad))):
+            row[f"{name}_acc"], row[f"{name}_se"] = accuracy_and_se(groups_PK)
         row["score_s"] = time.monotonic() - start
         log.info("epoch %d: %s", epoch, row)
         epochs.append(row)
