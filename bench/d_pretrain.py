@@ -22,7 +22,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +48,10 @@ class Recipe:
 DEFAULT_RECIPES = ("lr1e-5_b8_k4:3:8:1e-5:4",)
 
 
-def warmup_config(cfg: RunConfig, source: Path, discriminator: str | None) -> RunConfig:
+def warmup_config(cfg: RunConfig, source: Path, discriminator: str | None, disc_score: str = "head") -> RunConfig:
     """The quickstart's warmup stage: G starts from the SeqKD model, D too unless ``discriminator``
-    names another start (e.g. the student before SeqKD)."""
-    update = {"stage": "warmup", "init_from": str(source / "seqkd" / "final")}
+    names another start (e.g. the student before SeqKD); D of kind ``disc_score``."""
+    update: dict[str, Any] = {"stage": "warmup", "init_from": str(source / "seqkd" / "final"), "disc_score": disc_score}
     if discriminator:
         update["discriminator"] = discriminator
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
@@ -63,8 +63,8 @@ def run_recipe(cfg: RunConfig, out: Path, k_sampled: int, val_train: int, heldou
     ``val_train``. -> timings and, per epoch, pair accuracy on: the test pairs (``val_acc``), those
     whose teacher answer ends within the token budget (``val_acc_complete``), and the held-out
     training prompts' own rollouts (``train_heldout_acc``)."""
-    from gad_megatron.trainer.disc_pretrain import (PairGroup, cached_groups, pair_accuracy_of,
-                                                    pretrain_discriminator, sample_groups, split_validation)
+    from gad_megatron.trainer.disc_pretrain import (cached_groups, pair_accuracy_of, pretrain_discriminator,
+                                                    sample_groups, split_validation)
     from gad_megatron.trainer.run import build_context
 
     start = time.monotonic()
@@ -76,7 +76,7 @@ def run_recipe(cfg: RunConfig, out: Path, k_sampled: int, val_train: int, heldou
     sampled = time.monotonic() - start
     by_id = dict(zip((rec["id"] for rec in records), everyone))
     fit, held = split_validation(records, val_train, cfg.seed)
-    train = [PairGroup(by_id[rec["id"]].teacher_ids, by_id[rec["id"]].rollout_ids[: r.k]) for rec in fit]
+    train = [replace(by_id[rec["id"]], rollout_ids=by_id[rec["id"]].rollout_ids[: r.k]) for rec in fit]
     train_heldout = [by_id[rec["id"]] for rec in held]
     eot = tuple(ctx.encoder.end_of_turn_ids())
     complete = [g for g in heldout if g.teacher_ids[-len(eot):] == eot]
@@ -120,6 +120,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/d_pretrain")
     ap.add_argument("--k", type=int, default=4, help="rollouts sampled per training prompt")
     ap.add_argument("--discriminator", help="D's start (a model spec or path; default: the SeqKD model, as G)")
+    ap.add_argument("--disc-score", default="head", choices=("head", "likelihood_ratio"), help="train.disc_score")
     ap.add_argument("--val-train", type=int, default=20, help="training prompts kept out of D's pretraining")
     ap.add_argument("--recipe", action="append", help="name:epochs:batch_prompts:lr:k (default: %s)"
                     % " ".join(DEFAULT_RECIPES))  # fmt: skip
@@ -131,7 +132,7 @@ def main() -> None:
 
     source, out = Path(a.source).resolve(), Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cfg = warmup_config(load_config(source / "config.yaml"), source, a.discriminator).model_copy(update={"run_dir": str(out)})
+    cfg = warmup_config(load_config(source / "config.yaml"), source, a.discriminator, a.disc_score).model_copy(update={"run_dir": str(out)})
     heldout = [PairGroup.from_json(r) for r in heldout_rows(cfg, source, Path(a.heldout_dir).resolve(), 8)]
     init_distributed(1, 1, cfg.seed)
     results = []

@@ -78,6 +78,7 @@ def rollout_rows(cfg: RunConfig, source: Path, path: Path, records: list[dict[st
     settings = RolloutSettings(n=n, max_tokens=cfg.train.max_response_length, temperature=cfg.train.temperature)
     rollouts = rollout_step(engine, [r["prompt"] for r in records], encoder, encoder, settings, cfg.seed, 0, 0)
     rows = [{"id": r["id"], "teacher_ids": encoder.encode(r["prompt"], r["teacher_response"]),
+             "prompt_length": len(encoder.prompt_ids(r["prompt"])),
              "rollout_ids": [list(x.d_input_ids) for x in rollouts if x.prompt_index == i],
              "rollout_texts": [x.text for x in rollouts if x.prompt_index == i]}
             for i, r in enumerate(records)]  # fmt: skip

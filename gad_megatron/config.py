@@ -163,6 +163,15 @@ class TrainConfig(_Strict):
     beta: float = Field(0.001, ge=0.0, description="KL coefficient, k3 estimator (paper: 0.001).")
     epsilon: float = Field(0.2, gt=0.0, description="PPO-style clip (paper: 0.2).")
     disc_loss: Literal["bt", "ce"] = Field("bt", description="Bradley-Terry (paper) or cross-entropy GAN loss (ablation).")
+    disc_score: Literal["head", "likelihood_ratio"] = Field(
+        "head", description="What D computes. head (paper): a scalar head on the last token's hidden state. "
+        "likelihood_ratio: D keeps its LM head and scores a response by disc_ratio_beta x (log pi_D(response) - "
+        "log pi_ref(response)), pi_ref the frozen model D started from (DPO's implicit reward; 0 for every "
+        "response at the start). Measured on the quickstart's data: 0.86 held-out pair accuracy after one "
+        "epoch where the head stayed near 0.6 (docs/benchmarks.md). Costs a frozen reference forward per D pass.",
+    )
+    disc_ratio_beta: float = Field(0.1, gt=0.0, description="disc_score=likelihood_ratio: the scale beta of D's "
+                                   "log-likelihood ratio (its scores, and so the rewards, are in units of beta nats).")
     disc_only_steps: int = Field(10, ge=0, description="Warmup steps that update D alone (paper: 10).")
     disc_updates_per_step: int = Field(
         1, ge=1, description="D updates on each step's rollout batch (warmup and gad), each a fresh forward "

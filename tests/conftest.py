@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,13 @@ def tiny_tokenizer(tiny_model_dir: Path):
     from gad_megatron.models.sources import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def megatron_tp1() -> Iterator[None]:
+    """megatron-core's process groups for one process (TP = PP = 1, gloo), for a test module's in-process models."""
+    from gad_megatron.parallel.launch import destroy_distributed, init_distributed
+
+    init_distributed(1, 1, 0)
+    yield
+    destroy_distributed()

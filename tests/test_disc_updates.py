@@ -4,7 +4,6 @@ of D before the first update (CPU, fp32, one process)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +17,6 @@ PROMPTS = [
     {"prompt": [{"role": "user", "content": "Say hello."}], "teacher_response": "Hello there, friend!"},
 ]
 ANSWERS = [["Red.", "green maybe", "I like colours a lot", "no"], ["hi", "Hello.", "hey hey", "Greetings, human"]]
-
-
-@pytest.fixture(scope="module")
-def megatron_tp1() -> Iterator[None]:
-    from gad_megatron.parallel.launch import destroy_distributed, init_distributed
-
-    init_distributed(1, 1, 0)
-    yield
-    destroy_distributed()
 
 
 def _context(model_dir: Path, tokenizer: Any, disc_updates: int, token_budget: int) -> Any:

@@ -9,7 +9,6 @@ own. Each recipe runs where :func:`check_precision_supported` accepts this GPU, 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -39,15 +38,6 @@ def tiny_hf_config() -> Any:
     # Every GEMM dimension a multiple of 128, as block-scaled fp8 GEMMs want.
     return LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=LAYERS,
                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def megatron_tp1() -> Iterator[None]:
-    from gad_megatron.parallel.launch import destroy_distributed, init_distributed
-
-    init_distributed(1, 1, 0)
-    yield
-    destroy_distributed()
 
 
 def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:

@@ -7,7 +7,6 @@ launches of ``tests/helpers/megatron_parity.py`` (one launch per process count, 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +21,6 @@ from tests.helpers.torchrun import run_torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "megatron_parity.py"
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def megatron_tp1() -> Iterator[None]:
-    from gad_megatron.parallel.launch import destroy_distributed, init_distributed
-
-    init_distributed(tp=1, pp=1, seed=0)
-    yield
-    destroy_distributed()
 
 
 def run_parity(tmp_path: Path, nproc: int, *args: str) -> dict[str, dict[str, float]]:

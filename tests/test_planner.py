@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -90,15 +89,6 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Qwen2 (untied, QKV bias) and Llama (tied embeddings)."""
     root = tmp_path_factory.mktemp("planner")
     return {family: save_tiny_model(root / family, family, **TINY) for family in ("qwen2", "llama")}
-
-
-@pytest.fixture(scope="module")
-def megatron_tp1() -> Iterator[None]:
-    from gad_megatron.parallel.launch import destroy_distributed, init_distributed
-
-    init_distributed(tp=1, pp=1, seed=0)
-    yield
-    destroy_distributed()
 
 
 def estimate(model_dir: str | Path, precision: str, distributed: bool, dp: int, pp: int, stage: int) -> dict[str, int]:

@@ -212,15 +212,6 @@ def test_transformer_config_accepts_overrides_on_cpu(prec: str, recipe: str) -> 
     assert config.bf16 == (prec != "fp32") and (config.fp8 is not None) == (prec == "fp8")
 
 
-@pytest.fixture(scope="module")
-def megatron_tp1() -> Iterator[None]:
-    from gad_megatron.parallel.launch import destroy_distributed, init_distributed
-
-    init_distributed(1, 1, 0)
-    yield
-    destroy_distributed()
-
-
 def test_bf16_model_keeps_embedding_and_head_bf16_and_d_scores_fp32(megatron_tp1: None) -> None:
     from gad_megatron.models.discriminator import build_discriminator
     from gad_megatron.models.policy import build_gpt

@@ -4,7 +4,6 @@ trained models (G, D) recomputing."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,6 @@ from tests.helpers.tiny_hf import tiny_model
 from tests.helpers.tiny_run import write_tiny_setup
 
 MODES = ("none", "selective", "full")
-
-
-@pytest.fixture(scope="module")
-def megatron_tp1() -> Iterator[None]:
-    from gad_megatron.parallel.launch import destroy_distributed, init_distributed
-
-    init_distributed(1, 1, 0)
-    yield
-    destroy_distributed()
 
 
 @pytest.fixture(scope="module")

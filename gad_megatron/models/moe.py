@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from gad_megatron.models.families import DECODER_RULES, Fuse, ModelLayout, Split, TensorRule, family_of
+from gad_megatron.models.families import Fuse, ModelLayout, Split, TensorRule, family_of
 
 T = TypeVar("T")
 

@@ -39,17 +39,20 @@ _SEED_STEP = -1
 
 @dataclass(frozen=True)
 class PairGroup:
-    """One prompt's D inputs as token ids: the teacher's answer and its K rollouts."""
+    """One prompt's D inputs as token ids: the teacher's answer and its K rollouts, each after
+    the prompt's ``prompt_length`` tokens."""
 
     teacher_ids: tuple[int, ...]
     rollout_ids: tuple[tuple[int, ...], ...]
+    prompt_length: int
 
     def to_json(self) -> dict[str, Any]:
-        return {"teacher_ids": list(self.teacher_ids), "rollout_ids": [list(r) for r in self.rollout_ids]}
+        return {"teacher_ids": list(self.teacher_ids), "rollout_ids": [list(r) for r in self.rollout_ids],
+                "prompt_length": self.prompt_length}  # fmt: skip
 
     @classmethod
     def from_json(cls, row: dict[str, Any]) -> PairGroup:
-        return cls(tuple(row["teacher_ids"]), tuple(tuple(r) for r in row["rollout_ids"]))
+        return cls(tuple(row["teacher_ids"]), tuple(tuple(r) for r in row["rollout_ids"]), row["prompt_length"])
 
 
 def _with_rollouts(ctx: StepContext, k: int) -> StepContext:
@@ -68,7 +71,8 @@ def sample_groups(ctx: StepContext, records: Prompts, k: int, batch_prompts: int
         share = [batch[j] for j in ctx.dp_share(len(batch))]
         for j, p in enumerate(share):
             teacher = ctx.encoder.encode(p["prompt"], p["teacher_response"])
-            groups.append(PairGroup(tuple(teacher), tuple(r.d_input_ids for r in rollouts[j * k : (j + 1) * k])))
+            groups.append(PairGroup(tuple(teacher), tuple(r.d_input_ids for r in rollouts[j * k : (j + 1) * k]),
+                                    len(ctx.encoder.prompt_ids(p["prompt"]))))  # fmt: skip
     return groups
 
 
@@ -81,8 +85,9 @@ def cached_groups(path: Path, sample: Callable[[], list[PairGroup]]) -> list[Pai
     return groups
 
 
-def _flat(groups: Sequence[PairGroup]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
-    return [g.teacher_ids for g in groups], [r for g in groups for r in g.rollout_ids]
+def _flat(groups: Sequence[PairGroup]) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], list[int]]:
+    """``discriminate_ids``'s teacher rows, rollout rows and prompt lengths."""
+    return [g.teacher_ids for g in groups], [r for g in groups for r in g.rollout_ids], [g.prompt_length for g in groups]
 
 
 def _rollouts_per_group(groups: Sequence[PairGroup]) -> int:

@@ -12,7 +12,7 @@ most of a GAD batch's, are never computed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -24,6 +24,9 @@ from gad_megatron.trainer.actor import Actor, optimizer_step, run_micro_batches,
 from gad_megatron.trainer.batching import ScoreBatch, TokenBatch
 
 CHUNK_TOKENS = 1024
+# One pipeline stage of D on a micro-batch, with autograd: the rows' scores [B] on the last stage,
+# the stage's activations elsewhere (head D: ScoreBatch; likelihood-ratio D: TokenBatch).
+DForward = Callable[[torch.nn.Module, ScoreBatch | TokenBatch], torch.Tensor]
 
 
 def _tp() -> tuple[torch.distributed.ProcessGroup, int]:
@@ -32,13 +35,18 @@ def _tp() -> tuple[torch.distributed.ProcessGroup, int]:
     return parallel_state.get_tensor_model_parallel_group(), parallel_state.get_tensor_model_parallel_rank()
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron's DDP and Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 @contextmanager
 def _output_layer_at(model: torch.nn.Module, window_BR: torch.Tensor) -> Iterator[None]:
     """While inside, the model's output layer (last stage) projects only the hidden states at
     ``window_BR``: [T, B, H] -> [R, B, H], so the logits come out [B, R, V/TP]."""
-    gpt = model
-    while hasattr(gpt, "module"):  # megatron's DDP and Float16Module wrappers
-        gpt = gpt.module
+    gpt = _unwrapped(model)
     if not gpt.post_process:
         yield
         return
@@ -137,12 +145,47 @@ def policy_gradient_update(
     return metrics, optimizer_step(actor)
 
 
-def _score_forward(model: torch.nn.Module, batch: ScoreBatch) -> torch.Tensor:
+def head_score_forward(model: torch.nn.Module, batch: ScoreBatch) -> torch.Tensor:
+    """The scalar-head D's :data:`DForward`: its head at each row's last real token."""
     device = model_device()
     return stage_forward(model, batch.input_ids_BT.to(device), batch.last_B.to(device))
 
 
-def score(lm: MegatronLM, micro: Sequence[ScoreBatch], total_rows: int) -> torch.Tensor:
+def _response_logprob_sums(logits: torch.Tensor, batch: TokenBatch, lm: MegatronLM) -> torch.Tensor:
+    """Sum of the response tokens' log-probs (temperature 1) of each row. -> [B] fp32"""
+    batch = batch.in_window(batch.response_window_BR())
+    return (_logprobs(logits, batch, lm, 1.0)[0] * batch.loss_mask_BT.to(logits.device)).sum(dim=1)
+
+
+def response_logprob_sums(lm: MegatronLM, micro: Sequence[TokenBatch], total_rows: int) -> torch.Tensor:
+    """log pi(response | prompt) of every row, without autograd, on every rank of the pipeline.
+    -> [total_rows] fp32 (rows numbered by ``row_ids_B``)"""
+    sums = torch.zeros(total_rows, dtype=torch.float32, device=model_device())
+
+    def keep(logits: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        sums[batch.row_ids_B.to(logits.device)] = _response_logprob_sums(logits, batch, lm)
+        return logits.new_zeros(()), torch.zeros((), dtype=torch.int), {}
+
+    run_micro_batches(lm.model, micro, _policy_forward, keep, train=False)
+    return broadcast_from_last_stage(sums, sums.shape, sums.dtype).cpu()
+
+
+def ratio_score_forward(lm: MegatronLM, beta: float, reference_sums: torch.Tensor) -> DForward:
+    """The likelihood-ratio D's :data:`DForward`: ``beta * (log pi_D(response) - reference_sums[row])``
+    for rows of a :class:`TokenBatch`; ``reference_sums`` [rows] the frozen reference's
+    :func:`response_logprob_sums` of the same rows."""
+
+    def forward(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:  # type: ignore[override]
+        out = _policy_forward(model, batch)
+        if not _unwrapped(model).post_process:
+            return out
+        return beta * (_response_logprob_sums(out, batch, lm) - reference_sums[batch.row_ids_B].to(out.device))
+
+    return forward  # type: ignore[return-value]
+
+
+def score(lm: MegatronLM, micro: Sequence[ScoreBatch | TokenBatch], total_rows: int,
+          forward: DForward = head_score_forward) -> torch.Tensor:  # fmt: skip
     """D's score of every row, without autograd, on every rank of the pipeline. -> [total_rows] fp32"""
     scores = torch.zeros(total_rows, dtype=torch.float32, device=model_device())
 
@@ -150,12 +193,12 @@ def score(lm: MegatronLM, micro: Sequence[ScoreBatch], total_rows: int) -> torch
         scores[batch.row_ids_B.to(out.device)] = out.detach().float()
         return out.new_zeros(()), torch.zeros((), dtype=torch.int), {}
 
-    run_micro_batches(lm.model, micro, _score_forward, keep, train=False)
+    run_micro_batches(lm.model, micro, forward, keep, train=False)
     return broadcast_from_last_stage(scores, scores.shape, scores.dtype).cpu()
 
 
-def disc_score_and_update(actor: Actor, micro: Sequence[ScoreBatch], total_rows: int, group_size: int,
-                          loss_name: str) -> tuple[torch.Tensor, float]:
+def disc_score_and_update(actor: Actor, micro: Sequence[ScoreBatch | TokenBatch], total_rows: int, group_size: int,
+                          loss_name: str, forward: DForward = head_score_forward) -> tuple[torch.Tensor, float]:
     """One optimizer step of D whose forward also gives the scores: one D pass where
     :func:`score` + :func:`disc_update` take two.
 
@@ -175,13 +218,13 @@ def disc_score_and_update(actor: Actor, micro: Sequence[ScoreBatch], total_rows:
         return DISC_LOSSES[loss_name](groups_GK[:, 0], groups_GK[:, 1:]) * pairs, torch.tensor(pairs, dtype=torch.int), {}
 
     zero_grad(actor)
-    run_micro_batches(actor.ddp, micro, _score_forward, loss, train=True)
+    run_micro_batches(actor.ddp, micro, forward, loss, train=True)
     grad_norm = optimizer_step(actor)
     return broadcast_from_last_stage(scores, scores.shape, scores.dtype).cpu(), grad_norm
 
 
-def disc_update(actor: Actor, micro: Sequence[ScoreBatch], teacher_P: torch.Tensor, student_PN: torch.Tensor,
-                loss_name: str) -> float:
+def disc_update(actor: Actor, micro: Sequence[ScoreBatch | TokenBatch], teacher_P: torch.Tensor,
+                student_PN: torch.Tensor, loss_name: str, forward: DForward = head_score_forward) -> float:
     """One optimizer step of D on the pairs scored by :func:`score`, in the memory of one micro-batch.
 
     The loss's gradient with respect to each score (``disc_score_grads``) becomes the row's
@@ -204,5 +247,5 @@ def disc_update(actor: Actor, micro: Sequence[ScoreBatch], teacher_P: torch.Tens
         return (out.float() * w.to(out.device)).sum(), count, {}
 
     zero_grad(actor)
-    run_micro_batches(actor.ddp, micro, _score_forward, loss, train=True)
+    run_micro_batches(actor.ddp, micro, forward, loss, train=True)
     return optimizer_step(actor)

@@ -8,8 +8,8 @@ The config is read here and only here: the parts (models, optimizers, engine, da
 built from it and handed to :mod:`gad_megatron.trainer.steps` as plain values.
 Outputs in ``<run_dir>/<stage>/``: ``megatron/iter_*`` (dist checkpoints with optimizer states,
 resumable at any TP x PP; the newest ``train.keep_resume_states`` kept), ``checkpoint-<step>/``
-every ``save_steps`` and ``final/`` (HF generator, ``discriminator/`` an HF sequence classifier,
-a ``COMPLETE`` marker: what ``gad generate --sweep`` / ``eval`` read), ``metrics.jsonl`` (+ ``tb/``),
+every ``save_steps`` and ``final/`` (HF generator, ``discriminator/`` an HF sequence classifier or,
+under ``train.disc_score: likelihood_ratio``, a causal LM with its reference's marker; a ``COMPLETE`` marker: what ``gad generate --sweep`` / ``eval`` read), ``metrics.jsonl`` (+ ``tb/``),
 ``starts.jsonl`` (one line per start, never truncated: where each run began, see :func:`_record_start`).
 """
 
@@ -164,6 +164,7 @@ def build_context(cfg: RunConfig, stage: str) -> tuple[StepContext, StepPlan, li
 
     from gad_megatron.models.discriminator import load_discriminator
     from gad_megatron.models.policy import build_policy
+    from gad_megatron.models.ratio_discriminator import RatioScore, ratio_reference
     from gad_megatron.models.sources import load_tokenizer, resolve_model_path
     from gad_megatron.rollout.reshard import sync_weights
 
@@ -180,11 +181,16 @@ def build_context(cfg: RunConfig, stage: str) -> tuple[StepContext, StepPlan, li
     overrides, trained = _model_overrides(cfg), _trained_overrides(cfg)
     g = build_actor(build_policy(generator, dtype, **trained), t.learning_rate or DEFAULT_LR[stage],
                     t.max_grad_norm, cfg.parallel.distributed_optimizer)  # fmt: skip
-    d_lm, d = None, None  # D scores (d_lm) and, unless frozen, learns (d: its optimizer side)
+    d_lm, d, d_ratio = None, None, None  # D scores (d_lm) and, unless frozen, learns (d: its optimizer side)
     if stage != "seqkd":
         d_frozen = stage == "gad" and t.freeze_discriminator
-        d_lm = load_discriminator(resolve_model_path(d_spec), dtype, seed=cfg.seed,
-                                  **(overrides if d_frozen else trained))  # fmt: skip
+        d_dir = resolve_model_path(d_spec)
+        reference = ratio_reference(d_dir, t.disc_score, t.disc_ratio_beta)
+        if reference is None:
+            d_lm = load_discriminator(d_dir, dtype, seed=cfg.seed, **(overrides if d_frozen else trained))
+        else:  # the likelihood-ratio D: an LM, scored against its frozen start
+            d_lm = build_policy(d_dir, dtype, **(overrides if d_frozen else trained))
+            d_ratio = RatioScore(build_policy(reference, dtype, **overrides), reference, t.disc_ratio_beta)
         if not d_frozen:
             d = build_actor(d_lm, t.disc_learning_rate, t.max_grad_norm, cfg.parallel.distributed_optimizer)
     # The KL reference computes exactly as G does (same precision: under fp8, a bf16 reference
@@ -200,7 +206,7 @@ def build_context(cfg: RunConfig, stage: str) -> tuple[StepContext, StepPlan, li
         rollout=RolloutSettings(n=t.num_generations, max_tokens=t.max_response_length, temperature=t.temperature),
         token_budget=cfg.parallel.micro_batch_tokens, disc_loss=t.disc_loss, clip=t.epsilon, kl_beta=t.beta,
         tis_cap=_tis_cap(cfg), seed=cfg.seed, disc_only_steps=t.disc_only_steps if stage == "warmup" else 0,
-        disc_updates=t.disc_updates_per_step,
+        disc_updates=t.disc_updates_per_step, d_ratio=d_ratio,
     )  # fmt: skip
     return ctx, plan, records, tokenizer
 
@@ -295,13 +301,17 @@ def _stop_if_hacked(guard: HackingGuard | None, step: int, ckpt_dir: Path, out_d
 
 
 def _export_hf(ctx: StepContext, out: Path, tokenizer: Any) -> Path:
-    """G as an HF causal LM in ``out``, D as an HF sequence classifier in ``out/discriminator``,
-    then the ``COMPLETE`` marker that ``gad generate --sweep`` and ``--resume`` look for."""
+    """G as an HF causal LM in ``out``, D in ``out/discriminator`` (an HF sequence classifier; the
+    likelihood-ratio D: a causal LM and the marker naming its reference), then the ``COMPLETE``
+    marker that ``gad generate --sweep`` and ``--resume`` look for."""
+    from gad_megatron.models.ratio_discriminator import write_marker
     from gad_megatron.rollout.hf_export import export_hf
 
     export_hf(ctx.g.lm, None, out, tokenizer)
     if ctx.d_lm is not None:
         export_hf(ctx.d_lm, None, out / DISCRIMINATOR_DIR, tokenizer)
+    if torch.distributed.get_rank() == 0 and ctx.d_ratio is not None:
+        write_marker(out / DISCRIMINATOR_DIR, ctx.d_ratio.reference_dir, ctx.d_ratio.beta)
     if torch.distributed.get_rank() == 0:
         (out / COMPLETE_MARKER).write_text("complete\n")
     torch.distributed.barrier()

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from gad_megatron.loss import DISC_LOSSES, group_advantages, pair_accuracy
+from gad_megatron.models.ratio_discriminator import RatioScore
 from gad_megatron.rollout.engine import InferenceEngine
 from gad_megatron.rollout.replicas import Replicas, generate_for_step
 from gad_megatron.rollout.reshard import sync_weights
@@ -31,8 +32,8 @@ from gad_megatron.rollout.step import Rollout, RolloutSettings, rollout_metrics,
 from gad_megatron.text_encoding import TextEncoder
 from gad_megatron.trainer import ops
 from gad_megatron.trainer.actor import Actor, sum_metrics
-from gad_megatron.trainer.batching import (ScoreBatch, build_batch, build_score_batch, group_micro_batches,
-                                          micro_batches)
+from gad_megatron.trainer.batching import (ScoreBatch, TokenBatch, build_batch, build_score_batch,
+                                          group_micro_batches, micro_batches)
 from gad_megatron.trainer.metrics import PhaseTimer
 from gad_megatron.trainer.setup import data_parallel_share
 
@@ -60,6 +61,7 @@ class StepContext:
     dp_size: int = 1
     disc_only_steps: int = 0
     disc_updates: int = 1  # D updates on each step's rollout batch (train.disc_updates_per_step)
+    d_ratio: RatioScore | None = None  # the likelihood-ratio D's reference and beta; None: the scalar-head D
 
     @property
     def pad_id(self) -> int:
@@ -109,20 +111,24 @@ def discriminate(ctx: StepContext, prompts: Prompts, rollouts: Sequence[Rollout]
     ``d_loss``, are the first pass's, ``d_acc_after`` the pair accuracy of the last pass's.
     """
     teacher = [ctx.encoder.encode(p["prompt"], p["teacher_response"]) for p in prompts]
-    return discriminate_ids(ctx, teacher, [list(r.d_input_ids) for r in rollouts], timer)
+    prompt_lengths = [len(ctx.encoder.prompt_ids(p["prompt"])) for p in prompts]
+    return discriminate_ids(ctx, teacher, [list(r.d_input_ids) for r in rollouts], prompt_lengths, timer)
 
 
 def discriminate_ids(ctx: StepContext, teacher: Sequence[Sequence[int]], rollouts: Sequence[Sequence[int]],
-                     timer: PhaseTimer) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                     prompt_lengths: Sequence[int], timer: PhaseTimer,
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:  # fmt: skip
     """:func:`discriminate` on D's token ids: ``teacher`` [P] one sequence per prompt, ``rollouts``
-    [P x N] prompt-major, N = ``ctx.rollout.n``."""
+    [P x N] prompt-major, N = ``ctx.rollout.n``; each sequence starts with its prompt's
+    ``prompt_lengths`` [P] tokens (what a likelihood-ratio D does not score)."""
     assert ctx.d_lm is not None
-    batch = build_score_batch([*teacher, *rollouts], ctx.pad_id, ctx.width_multiple)
     n_p, n = len(teacher), ctx.rollout.n
+    batch, forward = _disc_inputs(ctx, [*teacher, *rollouts], [*prompt_lengths, *(x for x in prompt_lengths
+                                                                                  for _ in range(n))], timer)  # fmt: skip
     groups_GK = torch.cat([torch.arange(n_p)[:, None], n_p + torch.arange(n_p * n).view(n_p, n)], dim=1)
     grouped = group_micro_batches(batch, groups_GK, ctx.token_budget, ctx.width_multiple) if ctx.d is not None else None
     micro = micro_batches(batch, ctx.token_budget, ctx.width_multiple) if grouped is None else None
-    scores, grad_norm = _disc_pass(ctx, grouped, micro, n_p, timer)
+    scores, grad_norm = _disc_pass(ctx, grouped, micro, forward, n_p, timer)
     teacher_P, student_PN = scores[:n_p], scores[n_p:].view(n_p, n)
     if ctx.d is None:
         return teacher_P, student_PN, {}
@@ -130,13 +136,37 @@ def discriminate_ids(ctx: StepContext, teacher: Sequence[Sequence[int]], rollout
     metrics = {"d_loss": dp_mean(loss), "grad_norm_d": grad_norm}
     if ctx.disc_updates > 1:
         for _ in range(ctx.disc_updates - 1):
-            last = _disc_pass(ctx, grouped, micro, n_p, timer)[0]
+            last = _disc_pass(ctx, grouped, micro, forward, n_p, timer)[0]
         metrics["d_acc_after"] = dp_mean(float(pair_accuracy(last[:n_p], last[n_p:].view(n_p, n))))
     return teacher_P, student_PN, metrics
 
 
-def _disc_pass(ctx: StepContext, grouped: Sequence[ScoreBatch] | None, micro: Sequence[ScoreBatch] | None,
-               n_prompts: int, timer: PhaseTimer) -> tuple[torch.Tensor, float | None]:
+def _disc_inputs(ctx: StepContext, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
+                 timer: PhaseTimer) -> tuple[ScoreBatch | TokenBatch, ops.DForward]:  # fmt: skip
+    """D's batch of ``rows`` (teacher answers first) and its forward. The likelihood-ratio D's
+    needs the reference's log-likelihood of each response (phase ``d_reference``): computed
+    here, the teacher answers' once per run (rows ``:P``, remembered)."""
+    if ctx.d_ratio is None:
+        return build_score_batch(rows, ctx.pad_id, ctx.width_multiple), ops.head_score_forward
+    ratio, n_p = ctx.d_ratio, len(rows) // (ctx.rollout.n + 1)
+    batch = build_batch([r[:k] for r, k in zip(rows, prompt_lengths)], [r[k:] for r, k in zip(rows, prompt_lengths)],
+                        ctx.pad_id, width_multiple=ctx.width_multiple)  # fmt: skip
+    reference = torch.tensor([ratio.known.get(ratio.key(r), float("nan")) for r in rows])
+    missing = [i for i, unknown in enumerate(reference.isnan().tolist()) if unknown]
+    if missing:
+        with timer("d_reference"):
+            sub = build_batch([rows[i][: prompt_lengths[i]] for i in missing], [rows[i][prompt_lengths[i] :]
+                              for i in missing], ctx.pad_id, width_multiple=ctx.width_multiple)  # fmt: skip
+            reference[missing] = ops.response_logprob_sums(
+                ratio.reference, micro_batches(sub, ctx.token_budget, ctx.width_multiple), len(missing))
+        teacher_rows = [i for i in missing if i < n_p]
+        ratio.remember([rows[i] for i in teacher_rows], reference[teacher_rows])
+    return batch, ops.ratio_score_forward(ctx.d_lm, ratio.beta, reference)
+
+
+def _disc_pass(ctx: StepContext, grouped: Sequence[ScoreBatch | TokenBatch] | None,
+               micro: Sequence[ScoreBatch | TokenBatch] | None, forward: ops.DForward, n_prompts: int,
+               timer: PhaseTimer) -> tuple[torch.Tensor, float | None]:  # fmt: skip
     """D's current scores of every row (teacher answers first, then rollouts prompt-major) and
     one D update on them unless D is frozen: in one pass over ``grouped`` (whole groups per
     micro-batch), else scoring then updating over ``micro``. -> (scores [rows], grad norm or None)"""
@@ -144,15 +174,15 @@ def _disc_pass(ctx: StepContext, grouped: Sequence[ScoreBatch] | None, micro: Se
     if grouped is not None:
         assert ctx.d is not None  # a frozen D is never grouped
         with timer("d_update"):
-            return ops.disc_score_and_update(ctx.d, grouped, total, n + 1, ctx.disc_loss)
+            return ops.disc_score_and_update(ctx.d, grouped, total, n + 1, ctx.disc_loss, forward)
     assert micro is not None
     with timer("scoring"):
-        scores = ops.score(ctx.d_lm, micro, total)
+        scores = ops.score(ctx.d_lm, micro, total, forward)
     if ctx.d is None:
         return scores, None
     with timer("d_update"):
         grad_norm = ops.disc_update(ctx.d, micro, scores[:n_prompts], scores[n_prompts:].view(n_prompts, n),
-                                    ctx.disc_loss)  # fmt: skip
+                                    ctx.disc_loss, forward)  # fmt: skip
     return scores, grad_norm
 
 
