@@ -33,7 +33,8 @@ from gad_megatron.config import DEFAULT_STUDENT, RunConfig, TeacherConfig
 from gad_megatron.data import read_jsonl
 from gad_megatron.evaluation.evaluate import evaluate_run
 from gad_megatron.evaluation.generate import run_generate
-from gad_megatron.quickstart import FULL, Budget, add_style_rates, build_config, collect_teacher, train_once
+from gad_megatron.quickstart import (DISCRIMINATORS, FULL, Budget, add_style_rates, build_config, collect_teacher,
+                                     discriminator_fields, train_once)
 from study_analysis import analyse  # bench/ is sys.path[0]
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -82,15 +83,17 @@ def seed_config(run: Path, budget: Budget, teacher: TeacherConfig, seed: int, re
 
 
 def train_and_generate(cfg: RunConfig, run: Path, budget: Budget, recipe: argparse.Namespace) -> None:
-    seqkd = train_once(cfg, "seqkd", budget.seqkd_steps, batch_prompts=recipe.seqkd_batch_prompts)
-    warm = train_once(cfg, "warmup", budget.warmup_steps, init_from=str(seqkd), disc_only_steps=budget.warmup_steps,
-                      warmup_until_d_acc=recipe.warmup_until_d_acc)  # fmt: skip
-    gad = train_once(cfg, "gad", budget.gad_steps, learning_rate=recipe.gad_lr)
+    warmup_d, gad_d = discriminator_fields(recipe.discriminator, budget)
+    seqkd, fresh = train_once(cfg, "seqkd", budget.seqkd_steps, batch_prompts=recipe.seqkd_batch_prompts)
+    warm, fresh = train_once(cfg, "warmup", budget.warmup_steps, fresh, init_from=str(seqkd),
+                             disc_only_steps=budget.warmup_steps, warmup_until_d_acc=recipe.warmup_until_d_acc,
+                             **warmup_d)  # fmt: skip
+    gad, _ = train_once(cfg, "gad", budget.gad_steps, fresh, learning_rate=recipe.gad_lr, **gad_d)
     models = [DEFAULT_STUDENT, str(seqkd), str(gad)]
     if recipe.frozen:
         frozen_cfg = cfg.model_copy(update={"run_dir": str(run / "frozen")})
-        models.append(str(train_once(frozen_cfg, "gad", budget.gad_steps, init_from=str(warm),
-                                     freeze_discriminator=True, learning_rate=recipe.gad_lr)))  # fmt: skip
+        models.append(str(train_once(frozen_cfg, "gad", budget.gad_steps, fresh, init_from=str(warm),
+                                     freeze_discriminator=True, learning_rate=recipe.gad_lr, **gad_d)[0]))  # fmt: skip
     for spec in models:
         run_generate(cfg, model=spec)
 
@@ -126,6 +129,8 @@ def main_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup-until-d-acc", type=float, default=0.9,
                     help="end the warmup once D's pair accuracy (mean of 3 steps) reaches this")
     ap.add_argument("--gad-steps", type=int, default=16)
+    ap.add_argument("--discriminator", choices=DISCRIMINATORS, default="head",
+                    help="D's kind, as gad quickstart's (likelihood-ratio: pretrained on cached rollouts first)")
     ap.add_argument("--gad-lr", type=float, default=3e-6, help="the generator's lr in GAD")
     ap.add_argument("--batch-prompts", type=int, default=2, help="prompts per GAD / warmup step")
     ap.add_argument("--num-generations", type=int, default=8, help="rollouts per prompt (N)")

@@ -63,7 +63,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from gad_megatron.quickstart import run_quickstart
 
-    return run_quickstart(run_dir=args.run_dir, tiny=args.tiny, fresh=args.fresh)
+    return run_quickstart(run_dir=args.run_dir, tiny=args.tiny, fresh=args.fresh, discriminator=args.discriminator)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default="runs/quickstart", help="output directory (reruns reuse finished stages)")
     p.add_argument("--tiny", action="store_true", help="a few prompts and steps, for a smoke test")
     p.add_argument("--fresh", action="store_true", help="ignore finished stages (the teacher cache is still used)")
+    from gad_megatron.quickstart import DISCRIMINATORS
+
+    p.add_argument("--discriminator", choices=DISCRIMINATORS, default="head",
+                   help="D's kind: head (the paper's score head) or likelihood-ratio (an LM scored against its "
+                   "start, pretrained on cached rollouts first: a D that tells teacher from student, at about "
+                   "10 more minutes; docs/results.md)")
     return parser
 
 

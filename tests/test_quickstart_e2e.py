@@ -15,9 +15,9 @@ from gad_megatron.evaluation.distinguish import wilson_interval
 from gad_megatron.style import load_teacher_style, style_match
 
 
-def quickstart(run_dir: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gad_megatron.cli", "quickstart", "--tiny", "--run-dir", str(run_dir)],
-                          capture_output=True, text=True, timeout=1500)
+def quickstart(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gad_megatron.cli", "quickstart", "--tiny", "--run-dir", str(run_dir),
+                           *args], capture_output=True, text=True, timeout=1500)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -61,3 +61,15 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert sum(int(ok) for _, ok, _, _ in budgets) == 12
     for stage in ("seqkd", "warmup", "gad"):
         assert f"{stage}: reusing" in second.stderr
+
+    # The likelihood-ratio D: SeqKD is reused, warmup (with D's pretraining) and GAD train again with it.
+    third = quickstart(run, "--discriminator", "likelihood-ratio")
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert "seqkd: reusing" in third.stderr and "warmup: training again" in third.stderr
+    marker = json.loads((run / "gad" / "final" / "discriminator" / "gad_discriminator.json").read_text())
+    assert marker["score"] == "likelihood_ratio" and marker["reference"] == str((run / "seqkd" / "final").resolve())
+    warmup_rows = [json.loads(l) for l in (run / "warmup" / "metrics.jsonl").read_text().splitlines()]
+    val = [r["disc_pretrain/val_acc"] for r in warmup_rows if "disc_pretrain/val_acc" in r]
+    assert len(val) == 2 and val[0] == 0.0  # before any update every score is 0: ties count wrong
+    gad_rows = [json.loads(l) for l in (run / "gad" / "metrics.jsonl").read_text().splitlines()]
+    assert any("d_acc" in r and "time/d_reference" in r for r in gad_rows)

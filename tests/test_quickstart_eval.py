@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -76,3 +77,43 @@ def test_teacher_answers_test_prompts_with_the_eval_budget(tmp_path: Path, monke
     assert {asked[r["id"]] for r in train} == {TINY.max_tokens}
     assert {asked[r["id"]] for r in test} == {TINY.eval_max_tokens}
     assert (tmp_path / "data" / "test.jsonl").is_file()
+
+
+def test_finished_stages_are_reused_only_with_the_same_settings(tmp_path: Path, monkeypatch) -> None:
+    """A rerun reuses every stage; switching D's kind trains warmup and GAD again (with that D), not SeqKD."""
+    import gad_megatron.quickstart as qs
+    import gad_megatron.trainer.run as run
+    from gad_megatron.config import load_config, save_resolved_config
+
+    trained: list[str] = []
+
+    def fake_train_stage(cfg):  # what train_stage leaves behind: its resolved config and final/COMPLETE
+        trained.append(cfg.train.stage)
+        out = Path(cfg.run_dir) / cfg.train.stage
+        (out / "final").mkdir(parents=True, exist_ok=True)
+        (out / "final" / run.COMPLETE_MARKER).write_text("complete\n")
+        save_resolved_config(cfg, out)
+        return out / "final"
+
+    monkeypatch.setattr(run, "train_stage", fake_train_stage)
+    for name in ("train", "test"):
+        write_jsonl(tmp_path / "data" / f"{name}.jsonl", [])
+    cfg = build_config(tmp_path, TINY, teacher_config(TINY.max_tokens, "http://127.0.0.1:1/v1"))
+
+    qs.train_all(cfg, TINY, fresh=False)
+    assert trained == ["seqkd", "warmup", "gad"]
+    qs.train_all(cfg, TINY, fresh=False)
+    assert trained == ["seqkd", "warmup", "gad"]
+    qs.train_all(cfg, TINY, fresh=False, discriminator="likelihood-ratio")
+    assert trained[3:] == ["warmup", "gad"]
+    warmup, gad = (load_config(tmp_path / s / "config.resolved.yaml").train for s in ("warmup", "gad"))
+    assert warmup.disc_score == gad.disc_score == "likelihood_ratio"
+    assert warmup.disc_pretrain.epochs == 1 and gad.disc_pretrain.epochs == 0
+    assert warmup.disc_pretrain.val_prompts == TINY.d_pretrain_val < TINY.n_train
+    qs.train_all(cfg, TINY, fresh=False, discriminator="likelihood-ratio")
+    assert len(trained) == 5
+    # GAD's own settings are the same, but it starts from the warmup stage, which changed
+    qs.train_all(cfg, replace(TINY, warmup_steps=3), fresh=False, discriminator="likelihood-ratio")
+    assert trained[5:] == ["warmup", "gad"]
+    qs.train_all(cfg, TINY, fresh=True, discriminator="likelihood-ratio")
+    assert trained[7:] == ["seqkd", "warmup", "gad"]
