@@ -65,6 +65,26 @@ def test_plain_console_without_tty(tmp_path):
     assert "\x1b" not in out.getvalue()  # no terminal escapes in a log file
 
 
+def test_rate_and_eta_start_after_step_zero_rows(tmp_path, monkeypatch):
+    """D's pretraining logs step-0 rows for minutes: they stay out of the s/step and ETA of the steps."""
+    import time
+    from types import SimpleNamespace
+
+    import gad_megatron.trainer.metrics as metrics
+
+    clock = iter([0.0, 600.0, 610.0, 620.0])  # logger created; pretraining done; steps 1 and 2 done
+    monkeypatch.setattr(metrics, "time", SimpleNamespace(monotonic=lambda: next(clock), time=time.time))
+    out = io.StringIO()
+    with MetricsLogger.open(tmp_path, "warmup", 5, [], 0, log_every=1, stream=out) as log:
+        log.log(0, {"disc_pretrain/val_acc": 0.8})
+        log.log(1, {"d_acc": 0.5})
+        log.log(2, {"d_acc": 0.5})
+    lines = out.getvalue().splitlines()
+    assert [line.split("|")[:3] for line in lines] == [["[warmup] step 1/5 ", " 10.00 s/step ", " ETA 0:00:40 "],
+                                                       ["[warmup] step 2/5 ", " 10.00 s/step ", " ETA 0:00:30 "]]
+    assert _steps(log.path) == [0, 1, 2]
+
+
 def test_only_rank_zero_writes(tmp_path):
     out = io.StringIO()
     with MetricsLogger.open(tmp_path, "gad", 2, ["tensorboard", "wandb"], 1, stream=out) as log:

@@ -201,6 +201,9 @@ class MetricsLogger:
                 self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
+        if step == 0:  # rows before step 1 (D's pretraining, which logs its own lines): the rate starts after them
+            self._t0, self._first_step = time.monotonic(), None
+            return
         self._console(step, row)
 
     def _console(self, step: int, row: Mapping[str, Any]) -> None:
