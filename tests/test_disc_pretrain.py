@@ -75,7 +75,10 @@ def test_warmup_pretrains_d_on_cached_rollouts_then_resumes_without_it(tmp_path:
     config = write_tiny_setup(tmp_path, tiny_model_dir, max_steps=1, save_steps=1, disc_only_steps=2,
                               disc_pretrain={"epochs": 4, "rollouts_per_prompt": 2, "batch_prompts": 2,
                                              "val_prompts": 2, "learning_rate": 1e-3})  # fmt: skip
-    ok(gad(config, "warmup"))
+    first_run = gad(config, "warmup")
+    ok(first_run)
+    # progress within each epoch: 3 updates, a line after each (at most ~5 an epoch)
+    assert first_run.stderr.count("disc_pretrain: update 3/3 of the epoch") == 4, first_run.stderr[-3000:]
     stage = config.parent / "run" / "warmup"
     rows = metrics(stage)
     pre = [r for r in rows if r["step"] == 0]

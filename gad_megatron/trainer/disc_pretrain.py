@@ -14,6 +14,7 @@ the warmup steps do; the cache is one file per rank.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import random
 import time
@@ -126,11 +127,17 @@ def train_epoch(ctx: StepContext, groups: Sequence[PairGroup], batch_groups: int
     order = list(range(len(groups)))
     random.Random(order_seed).shuffle(order)
     losses, accs = [], []
-    for start in range(0, len(order) - batch_groups + 1, batch_groups):
+    starts, t0 = range(0, len(order) - batch_groups + 1, batch_groups), time.monotonic()
+    for n, start in enumerate(starts, 1):
         batch = [groups[i] for i in order[start : start + batch_groups]]
         teacher_P, student_PN, metrics = discriminate_ids(ctx_k, *_flat(batch), PhaseTimer())
         losses.append(metrics["d_loss"])
         accs.append(dp_mean(float(pair_accuracy(teacher_P, student_PN))))
+        if n % max(1, len(starts) // 5) == 0 or n == len(starts):  # about 5 progress lines an epoch
+            pace = (time.monotonic() - t0) / n
+            log.info("disc_pretrain: update %d/%d of the epoch, %.1f s/update, ETA %s, d_acc so far %.3f", n,
+                     len(starts), pace, datetime.timedelta(seconds=round(pace * (len(starts) - n))),
+                     sum(accs) / n)  # fmt: skip
     return {"d_loss": sum(losses) / max(len(losses), 1), "d_acc": sum(accs) / max(len(accs), 1),
             "updates": float(len(losses))}  # fmt: skip
 
