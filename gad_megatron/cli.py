@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--discriminator", choices=DISCRIMINATORS, default="head",
                    help="D's kind: head (the paper's score head) or likelihood-ratio (an LM scored against its "
                    "start, pretrained on cached rollouts first: a D that tells teacher from student, at about "
-                   "10 more minutes; docs/results.md)")
+                   "12 more minutes; docs/results.md)")
     return parser
 
 
