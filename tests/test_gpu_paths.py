@@ -37,6 +37,23 @@ def test_warmup_and_gad_stages_on_cuda_with_nccl(tmp_path: Path, tiny_model_dir:
     assert all(abs(r["engine_logprob_diff"]) < 0.05 and abs(r["kl"]) < 0.05 for r in rows), rows
 
 
+def test_likelihood_ratio_discriminator_on_cuda(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The likelihood-ratio D in bf16 on the GPU: its reference's forward, its scores in the one-pass
+    update, the saved D's marker; then GAD from that warmup scores against the same reference."""
+    import json
+
+    config = write_tiny_setup(tmp_path, tiny_model_dir)
+    sets = ["parallel.precision=bf16", "train.max_steps=2", "train.disc_score=likelihood_ratio"]
+    ok(gad(config, "warmup", *sets))
+    rows = metrics(tmp_path / "run" / "warmup")
+    assert [r["step"] for r in rows] == [1, 2] and all(r["d_loss"] > 0 and r["time/d_reference"] > 0 for r in rows)
+    marker = json.loads((tmp_path / "run" / "warmup" / "final" / "discriminator" / "gad_discriminator.json").read_text())
+    assert marker["score"] == "likelihood_ratio"
+    ok(gad(config, "gad", *sets))
+    rows = metrics(tmp_path / "run" / "gad")
+    assert [r["step"] for r in rows] == [1, 2] and all(abs(r["teacher_score"]) < 10 for r in rows)
+
+
 def test_fp8_width_padding_on_cuda(tmp_path: Path, tiny_model_dir: Path) -> None:
     """The FP8 padding path's shapes (widths rounded up to 16) through a bf16 GAD stage on the
     GPU: the losses stay those of unpadded micro-batches, to bf16's rounding."""

@@ -141,6 +141,12 @@ def discriminate_ids(ctx: StepContext, teacher: Sequence[Sequence[int]], rollout
     return teacher_P, student_PN, metrics
 
 
+def _prompts_and_responses(rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
+                           ) -> tuple[list[Sequence[int]], list[Sequence[int]]]:  # fmt: skip
+    """Each row split after its prompt's ``prompt_lengths`` tokens."""
+    return [r[:k] for r, k in zip(rows, prompt_lengths)], [r[k:] for r, k in zip(rows, prompt_lengths)]
+
+
 def _disc_inputs(ctx: StepContext, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int],
                  timer: PhaseTimer) -> tuple[ScoreBatch | TokenBatch, ops.DForward]:  # fmt: skip
     """D's batch of ``rows`` (teacher answers first) and its forward. The likelihood-ratio D's
@@ -149,14 +155,13 @@ def _disc_inputs(ctx: StepContext, rows: Sequence[Sequence[int]], prompt_lengths
     if ctx.d_ratio is None:
         return build_score_batch(rows, ctx.pad_id, ctx.width_multiple), ops.head_score_forward
     ratio, n_p = ctx.d_ratio, len(rows) // (ctx.rollout.n + 1)
-    batch = build_batch([r[:k] for r, k in zip(rows, prompt_lengths)], [r[k:] for r, k in zip(rows, prompt_lengths)],
-                        ctx.pad_id, width_multiple=ctx.width_multiple)  # fmt: skip
+    batch = build_batch(*_prompts_and_responses(rows, prompt_lengths), ctx.pad_id, width_multiple=ctx.width_multiple)
     reference = torch.tensor([ratio.known.get(ratio.key(r), float("nan")) for r in rows])
     missing = [i for i, unknown in enumerate(reference.isnan().tolist()) if unknown]
     if missing:
         with timer("d_reference"):
-            sub = build_batch([rows[i][: prompt_lengths[i]] for i in missing], [rows[i][prompt_lengths[i] :]
-                              for i in missing], ctx.pad_id, width_multiple=ctx.width_multiple)  # fmt: skip
+            sub = build_batch(*_prompts_and_responses([rows[i] for i in missing], [prompt_lengths[i] for i in missing]),
+                              ctx.pad_id, width_multiple=ctx.width_multiple)  # fmt: skip
             reference[missing] = ops.response_logprob_sums(
                 ratio.reference, micro_batches(sub, ctx.token_budget, ctx.width_multiple), len(missing))
         teacher_rows = [i for i in missing if i < n_p]
