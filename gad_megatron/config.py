@@ -172,6 +172,11 @@ class TrainConfig(_Strict):
     )
     disc_ratio_beta: float = Field(0.1, gt=0.0, description="disc_score=likelihood_ratio: the scale beta of D's "
                                    "log-likelihood ratio (its scores, and so the rewards, are in units of beta nats).")
+    disc_ratio_reduce: Literal["sum", "mean"] = Field(
+        "sum", description="disc_score=likelihood_ratio: the log-likelihood ratio over a response's tokens. sum "
+        "(DPO's implicit reward) or mean per response token (SimPO's length-normalised form: an answer scores "
+        "no higher for being longer). A mean is about 1/length of the sum: scale disc_ratio_beta up to match.",
+    )
     disc_only_steps: int = Field(10, ge=0, description="Warmup steps that update D alone (paper: 10).")
     disc_updates_per_step: int = Field(
         1, ge=1, description="D updates on each step's rollout batch (warmup and gad), each a fresh forward "

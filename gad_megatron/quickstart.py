@@ -165,7 +165,7 @@ def train_all(cfg: RunConfig, budget: Budget, fresh: bool, discriminator: str = 
 def train_once(cfg: RunConfig, stage: str, max_steps: int, fresh: bool = False, **train: Any) -> tuple[Path, bool]:
     """Train one stage for ``max_steps`` (extra ``train`` fields override), unless it finished
     earlier with the same train settings. -> (its ``final`` dir, whether it was trained now)"""
-    from gad_megatron.config import TrainConfig, load_config
+    from gad_megatron.config import ConfigError, TrainConfig, load_config
     from gad_megatron.trainer.run import COMPLETE_MARKER, train_stage
     from gad_megatron.trainer.setup import stage_dir
 
@@ -173,7 +173,11 @@ def train_once(cfg: RunConfig, stage: str, max_steps: int, fresh: bool = False, 
     wanted = TrainConfig.model_validate({**cfg.train.model_dump(), **updates})
     final, saved = stage_dir(cfg, stage) / "final", stage_dir(cfg, stage) / "config.resolved.yaml"
     if (final / COMPLETE_MARKER).is_file() and not fresh:
-        before = load_config(saved).train if saved.is_file() else None
+        try:  # a config an older version wrote (a field since renamed) is a change, not a crash
+            before = load_config(saved).train if saved.is_file() else None
+        except ConfigError as err:
+            log.info("%s: cannot read its saved settings (%s)", stage, str(err).splitlines()[0])
+            before = None
         if before == wanted:
             log.info("%s: reusing %s", stage, final)
             return final, False

@@ -77,8 +77,9 @@ def test_warmup_pretrains_d_on_cached_rollouts_then_resumes_without_it(tmp_path:
                                              "val_prompts": 2, "learning_rate": 1e-3})  # fmt: skip
     first_run = gad(config, "warmup")
     ok(first_run)
-    # progress within each epoch: 3 updates, a line after each (at most ~5 an epoch)
-    assert first_run.stderr.count("disc_pretrain: update 3/3 of the epoch") == 4, first_run.stderr[-3000:]
+    # progress within each epoch (3 updates, a line after each: at most ~5 an epoch) and while sampling
+    assert first_run.stderr.count("disc_pretrain: epoch update 3/3,") == 4, first_run.stderr[-3000:]
+    assert "disc_pretrain: sampling 2 rollouts of 6 prompts, batch 3/3," in first_run.stderr
     stage = config.parent / "run" / "warmup"
     rows = metrics(stage)
     pre = [r for r in rows if r["step"] == 0]

@@ -117,3 +117,7 @@ def test_finished_stages_are_reused_only_with_the_same_settings(tmp_path: Path, 
     assert trained[5:] == ["warmup", "gad"]
     qs.train_all(cfg, TINY, fresh=True, discriminator="likelihood-ratio")
     assert trained[7:] == ["seqkd", "warmup", "gad"]
+    saved = tmp_path / "gad" / "config.resolved.yaml"  # as an older version wrote it: a field since removed
+    saved.write_text(saved.read_text().replace("train:\n", "train:\n  a_removed_field: 1\n", 1))
+    qs.train_all(cfg, TINY, fresh=False, discriminator="likelihood-ratio")
+    assert trained[10:] == ["gad"]

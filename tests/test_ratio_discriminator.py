@@ -32,7 +32,7 @@ def two_models(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
     return make_tiny_model(root / "d", tokenizer_spec=str(tiny_model_dir), seed=7), tiny_model_dir
 
 
-def _context(d_dir: Path, ref_dir: Path, tokenizer: Any, token_budget: int, trains: bool) -> Any:
+def _context(d_dir: Path, ref_dir: Path, tokenizer: Any, token_budget: int, trains: bool, reduce: str = "sum") -> Any:
     from gad_megatron.models.policy import build_policy
     from gad_megatron.models.ratio_discriminator import RatioScore
     from gad_megatron.rollout.replicas import Replicas
@@ -43,7 +43,7 @@ def _context(d_dir: Path, ref_dir: Path, tokenizer: Any, token_budget: int, trai
 
     d_lm = build_policy(d_dir, torch.float32, **TRAINING_OVERRIDES)
     d = build_actor(d_lm, 1e-3, 1e9, distributed_optimizer=False) if trains else None
-    ratio = RatioScore(build_policy(ref_dir, torch.float32, **TRAINING_OVERRIDES), str(ref_dir), BETA)
+    ratio = RatioScore(build_policy(ref_dir, torch.float32, **TRAINING_OVERRIDES), str(ref_dir), BETA, reduce)
     return StepContext(g=None, d_lm=d_lm, d=d, ref=None, engine=None, replicas=Replicas(()),  # type: ignore[arg-type]
                        encoder=TextEncoder(tokenizer, 64, 32), rollout=RolloutSettings(n=4, max_tokens=32),
                        token_budget=token_budget, disc_loss="bt", clip=0.2, kl_beta=0.0, tis_cap=None, seed=0,
@@ -63,8 +63,9 @@ def _discriminate(ctx: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, float
     return teacher_P, student_PN, m, timer.pop()
 
 
-def _hf_scores(d_dir: Path, ref_dir: Path, encoder: Any) -> torch.Tensor:
-    """beta * (log pi_D - log pi_ref) of each response by transformers: [P, 1 + N], the teacher first."""
+def _hf_scores(d_dir: Path, ref_dir: Path, encoder: Any, reduce: str) -> torch.Tensor:
+    """beta * (log pi_D - log pi_ref) of each response by transformers, summed over its tokens or
+    their mean (``reduce``): [P, 1 + N], the teacher first."""
     from transformers import AutoModelForCausalLM
 
     from gad_megatron.evaluation.loglik import token_logprobs
@@ -73,26 +74,31 @@ def _hf_scores(d_dir: Path, ref_dir: Path, encoder: Any) -> torch.Tensor:
     pairs = [(encoder.prompt_ids(p["prompt"]), encoder.response_ids(text, eot))
              for p, texts in zip(PROMPTS, ANSWERS) for text in (p["teacher_response"], *texts)]  # fmt: skip
 
-    def sums(model_dir: Path) -> torch.Tensor:
+    def sums_and_counts(model_dir: Path) -> torch.Tensor:
         model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-        return torch.tensor([s for s, _ in token_logprobs(model, pairs, encoder.tokenizer.pad_token_id)])
+        return torch.tensor(token_logprobs(model, pairs, encoder.tokenizer.pad_token_id))  # [rows, 2]
 
-    return (BETA * (sums(d_dir) - sums(ref_dir))).view(len(PROMPTS), -1)
+    d, ref = sums_and_counts(d_dir), sums_and_counts(ref_dir)
+    assert torch.equal(d[:, 1], ref[:, 1]) and len(set(d[:, 1].tolist())) > 1  # responses of several lengths
+    ratio = d[:, 0] - ref[:, 0]
+    return (BETA * (ratio / d[:, 1] if reduce == "mean" else ratio)).view(len(PROMPTS), -1)
 
 
-@pytest.mark.parametrize("token_budget", [512, 48], ids=["one_pass", "score_then_update"])
+@pytest.mark.parametrize(("token_budget", "reduce"), [(512, "sum"), (48, "sum"), (48, "mean")],
+                         ids=["one_pass", "score_then_update", "mean_per_token"])  # fmt: skip
 def test_scores_are_the_beta_scaled_log_likelihood_ratio(megatron_tp1: None, two_models: tuple[Path, Path],
-                                                         tiny_tokenizer: Any, token_budget: int) -> None:  # fmt: skip
+                                                         tiny_tokenizer: Any, token_budget: int,
+                                                         reduce: str) -> None:  # fmt: skip
     """Scores before the update = transformers' beta (log pi_D - log pi_ref) over the response tokens
-    (end-of-turn included, the prompt never), whether D scores and learns in one pass or scores
-    first; the update then moves them. The teacher answers' reference sums are remembered: the
-    next step computes the rollouts' only."""
+    (end-of-turn included, the prompt never), summed or averaged per token, whether D scores and
+    learns in one pass or scores first; the update then moves them. The teacher answers' reference
+    sums are remembered: the next step computes the rollouts' only."""
     d_dir, ref_dir = two_models
-    ctx = _context(d_dir, ref_dir, tiny_tokenizer, token_budget, trains=True)
+    ctx = _context(d_dir, ref_dir, tiny_tokenizer, token_budget, trains=True, reduce=reduce)
     teacher_P, student_PN, m, seconds = _discriminate(ctx)
-    want = _hf_scores(d_dir, ref_dir, ctx.encoder)
+    want = _hf_scores(d_dir, ref_dir, ctx.encoder, reduce)
     assert torch.cat([teacher_P[:, None], student_PN], dim=1) == pytest.approx(want, abs=2e-4)
-    assert want.abs().mean() > 0.05  # not a comparison of zeros
+    assert want.abs().mean() > (0.05 if reduce == "sum" else 0.005)  # not a comparison of zeros
     assert ("time/scoring" in seconds) == (token_budget == 48) and m["grad_norm_d"] > 0
     assert len(ctx.d_ratio.known) == len(PROMPTS)
     # A second pass scores with the updated D, against the same remembered teacher reference.
@@ -118,10 +124,11 @@ def test_a_fresh_ratio_d_scores_every_response_zero(megatron_tp1: None, tiny_mod
     assert m == {} and float(teacher_P.abs().max()) == 0.0 and float(student_PN.abs().max()) == 0.0
 
 
-def test_a_discriminator_of_the_wrong_kind_is_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_a_discriminator_of_the_wrong_kind_is_refused(tmp_path: Path, tiny_model_dir: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
     from safetensors.torch import save_file
 
-    from gad_megatron.models.ratio_discriminator import ratio_reference, write_marker
+    from gad_megatron.models.ratio_discriminator import ratio_reference, read_marker, write_marker
 
     assert ratio_reference(tiny_model_dir, "head", 0.1) is None
     assert ratio_reference(tiny_model_dir, "likelihood_ratio", 0.1) == str(tiny_model_dir)
@@ -134,11 +141,17 @@ def test_a_discriminator_of_the_wrong_kind_is_refused(tmp_path: Path, tiny_model
     ratio_d = tmp_path / "ratio_d"
     ratio_d.mkdir()
     save_file({"lm_head.weight": torch.zeros(8, 4)}, ratio_d / "model.safetensors")
-    write_marker(ratio_d, tiny_model_dir, 0.1)
+    write_marker(ratio_d, tiny_model_dir, 0.1, "sum")
     with pytest.raises(ConfigError, match="set train.disc_score=likelihood_ratio"):
         ratio_reference(ratio_d, "head", 0.1)
     assert ratio_reference(ratio_d, "likelihood_ratio", 0.1) == str(tiny_model_dir.resolve())
-    write_marker(ratio_d, tmp_path / "gone", 0.1)
+    assert not caplog.records
+    ratio_reference(ratio_d, "likelihood_ratio", 0.1, "mean")  # learnt to rank sums: a warning, not a refusal
+    assert "disc_ratio_reduce=mean" in caplog.text and "learnt with sum" in caplog.text
+    marker = ratio_d / "gad_discriminator.json"  # written before train.disc_ratio_reduce: a sum
+    marker.write_text(json.dumps({k: v for k, v in json.loads(marker.read_text()).items() if k != "reduce"}))
+    assert read_marker(ratio_d)["reduce"] == "sum"
+    write_marker(ratio_d, tmp_path / "gone", 0.1, "sum")
     with pytest.raises(ConfigError, match="is gone"):
         ratio_reference(ratio_d, "likelihood_ratio", 0.1)
 
@@ -166,7 +179,7 @@ def test_warmup_then_gad_and_layouts_train_as_one_process(tmp_path: Path, tiny_m
     assert margin(gad_rows[0]) > 0.5 * margin(warmup[-1])  # against itself, gad's D would start at 0
     saved = tmp_path / "one" / "warmup" / "final" / "discriminator"
     assert json.loads((saved / "gad_discriminator.json").read_text()) == {
-        "score": "likelihood_ratio", "beta": BETA, "reference": str(tiny_model_dir.resolve())}  # fmt: skip
+        "score": "likelihood_ratio", "beta": BETA, "reduce": "sum", "reference": str(tiny_model_dir.resolve())}  # fmt: skip
     assert json.loads((saved / "config.json").read_text())["architectures"][0].endswith("ForCausalLM")
     for name in LAYOUTS:
         for stage, one in (("warmup", warmup), ("gad", gad_rows)):

@@ -5,12 +5,13 @@ D keeps its causal-LM head and scores a response y to a prompt x by
     D(x, y) = beta * (log pi_D(y | x) - log pi_ref(y | x)),    summed over y's tokens (temperature 1)
 
 with ``pi_ref`` the frozen model D started from: DPO's implicit reward, 0 for every response at
-the start. The Bradley-Terry loss and everything downstream (rewards, pair accuracy) are those of
+the start. ``train.disc_ratio_reduce: mean`` divides by y's token count (SimPO's length
+normalisation), so that a longer answer does not score higher for its length alone. The Bradley-Terry loss and everything downstream (rewards, pair accuracy) are those of
 the scalar-head D. The best such D is ``beta * log(p_teacher / p_student)`` up to a per-prompt
 constant; on the quickstart's data it ranked 0.99 of held-out pairs (docs/benchmarks.md).
 
 A saved likelihood-ratio D is an HF causal LM plus :data:`MARKER`, which names its reference
-(an absolute path) and beta: the gad stage reads it to score with the warmup's D against the
+(an absolute path), beta and the reduction: the gad stage reads it to score with the warmup's D against the
 model that D started from, not against itself.
 """
 
@@ -35,13 +36,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RatioScore:
-    """What turns D's LM into a score: its frozen reference, beta, and the reference's
-    log-likelihood of responses already seen (:meth:`remember`: the teacher's answers, scored
+    """What turns D's LM into a score: its frozen reference, beta, the reduction over a response's
+    tokens (``sum`` or ``mean``), and the reference's log-likelihood of responses already seen (:meth:`remember`: the teacher's answers, scored
     again every epoch)."""
 
     reference: MegatronLM
     reference_dir: str  # where ``reference`` was loaded from: written to a saved D's marker
     beta: float
+    reduce: str = "sum"
     known: dict[bytes, float] = field(default_factory=dict)
 
     @staticmethod
@@ -54,21 +56,22 @@ class RatioScore:
 
 
 def read_marker(d_dir: str | Path) -> dict[str, Any] | None:
-    """The marker of a saved likelihood-ratio D (``{"score", "beta", "reference"}``), None for any other model."""
+    """The marker of a saved likelihood-ratio D (``{"score", "beta", "reduce", "reference"}``), None for any
+    other model. A marker written before ``reduce`` existed reads as ``sum``."""
     path = Path(d_dir) / MARKER
-    return json.loads(path.read_text()) if path.is_file() else None
+    return {"reduce": "sum", **json.loads(path.read_text())} if path.is_file() else None
 
 
-def write_marker(d_dir: str | Path, reference: str | Path, beta: float) -> None:
-    marker = {"score": "likelihood_ratio", "beta": beta, "reference": str(Path(reference).resolve())}
+def write_marker(d_dir: str | Path, reference: str | Path, beta: float, reduce: str) -> None:
+    marker = {"score": "likelihood_ratio", "beta": beta, "reduce": reduce, "reference": str(Path(reference).resolve())}
     (Path(d_dir) / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
 
 
-def ratio_reference(d_dir: str | Path, disc_score: str, beta: float) -> str | None:
+def ratio_reference(d_dir: str | Path, disc_score: str, beta: float, reduce: str = "sum") -> str | None:
     """The frozen reference of the D in ``d_dir`` under ``disc_score``: the one its marker names,
     else ``d_dir`` itself (a fresh D: pi_D = pi_ref). None for a scalar-head D. Refuses a saved D
-    of the other kind (it would be silently re-headed or read as an LM); warns when ``beta``
-    differs from the one the saved D learnt with (its scores change scale)."""
+    of the other kind (it would be silently re-headed or read as an LM); warns when ``beta`` or
+    ``reduce`` differs from the one the saved D learnt with (its scores change scale)."""
     marker = read_marker(d_dir)
     if disc_score == "head":
         if marker is not None:
@@ -86,4 +89,8 @@ def ratio_reference(d_dir: str | Path, disc_score: str, beta: float) -> str | No
     if marker["beta"] != beta:
         log.warning("train.disc_ratio_beta=%g but the discriminator in %s learnt with %g: its scores, and the "
                     "rewards, change scale by %.3g", beta, d_dir, marker["beta"], beta / marker["beta"])  # fmt: skip
+    if marker["reduce"] != reduce:
+        log.warning("train.disc_ratio_reduce=%s but the discriminator in %s learnt with %s: its scores change scale "
+                    "by about the response length, and it has learnt to rank the other form", reduce, d_dir,
+                    marker["reduce"])  # fmt: skip
     return str(marker["reference"])

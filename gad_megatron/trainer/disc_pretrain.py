@@ -60,15 +60,25 @@ def _with_rollouts(ctx: StepContext, k: int) -> StepContext:
     return replace(ctx, rollout=replace(ctx.rollout, n=k))
 
 
+def _progress(what: str, n: int, total: int, since: float, detail: str = "") -> None:
+    """About 5 console lines over ``total`` items: ``what n/total``, seconds per item, ETA."""
+    if n % max(1, total // 5) == 0 or n == total:
+        pace = (time.monotonic() - since) / n
+        log.info("disc_pretrain: %s %d/%d, %.1f s each, ETA %s%s", what, n, total, pace,
+                 datetime.timedelta(seconds=round(pace * (total - n))), detail)  # fmt: skip
+
+
 def sample_groups(ctx: StepContext, records: Prompts, k: int, batch_prompts: int) -> list[PairGroup]:
     """This rank's groups: ``k`` rollouts of each record by the engine's current weights, sampled
     ``batch_prompts`` records at a time (the last partial batch too: it must split over the
     data-parallel ranks). -> groups of this rank's share of every batch, in record order."""
     ctx_k = _with_rollouts(ctx, k)
     groups: list[PairGroup] = []
-    for i, start in enumerate(range(0, len(records), batch_prompts)):
+    starts, t0 = range(0, len(records), batch_prompts), time.monotonic()
+    for i, start in enumerate(starts):
         batch = records[start : start + batch_prompts]
         rollouts = generate(ctx_k, batch, _SEED_STEP - i, reload_follows=False)
+        _progress(f"sampling {k} rollouts of {len(records)} prompts, batch", i + 1, len(starts), t0)
         share = [batch[j] for j in ctx.dp_share(len(batch))]
         for j, p in enumerate(share):
             teacher = ctx.encoder.encode(p["prompt"], p["teacher_response"])
@@ -133,11 +143,7 @@ def train_epoch(ctx: StepContext, groups: Sequence[PairGroup], batch_groups: int
         teacher_P, student_PN, metrics = discriminate_ids(ctx_k, *_flat(batch), PhaseTimer())
         losses.append(metrics["d_loss"])
         accs.append(dp_mean(float(pair_accuracy(teacher_P, student_PN))))
-        if n % max(1, len(starts) // 5) == 0 or n == len(starts):  # about 5 progress lines an epoch
-            pace = (time.monotonic() - t0) / n
-            log.info("disc_pretrain: update %d/%d of the epoch, %.1f s/update, ETA %s, d_acc so far %.3f", n,
-                     len(starts), pace, datetime.timedelta(seconds=round(pace * (len(starts) - n))),
-                     sum(accs) / n)  # fmt: skip
+        _progress("epoch update", n, len(starts), t0, f", d_acc so far {sum(accs) / n:.3f}")
     return {"d_loss": sum(losses) / max(len(losses), 1), "d_acc": sum(accs) / max(len(accs), 1),
             "updates": float(len(losses))}  # fmt: skip
 

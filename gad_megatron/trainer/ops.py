@@ -170,16 +170,20 @@ def response_logprob_sums(lm: MegatronLM, micro: Sequence[TokenBatch], total_row
     return broadcast_from_last_stage(sums, sums.shape, sums.dtype).cpu()
 
 
-def ratio_score_forward(lm: MegatronLM, beta: float, reference_sums: torch.Tensor) -> DForward:
+def ratio_score_forward(lm: MegatronLM, beta: float, reference_sums: torch.Tensor, reduce: str = "sum") -> DForward:
     """The likelihood-ratio D's :data:`DForward`: ``beta * (log pi_D(response) - reference_sums[row])``
-    for rows of a :class:`TokenBatch`; ``reference_sums`` [rows] the frozen reference's
-    :func:`response_logprob_sums` of the same rows."""
+    for rows of a :class:`TokenBatch`, divided by the row's response tokens when ``reduce`` is
+    ``mean``; ``reference_sums`` [rows] the frozen reference's :func:`response_logprob_sums` of the
+    same rows."""
 
     def forward(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:  # type: ignore[override]
         out = _policy_forward(model, batch)
         if not _unwrapped(model).post_process:
             return out
-        return beta * (_response_logprob_sums(out, batch, lm) - reference_sums[batch.row_ids_B].to(out.device))
+        ratio_B = _response_logprob_sums(out, batch, lm) - reference_sums[batch.row_ids_B].to(out.device)
+        if reduce == "mean":
+            ratio_B = ratio_B / batch.loss_mask_BT.sum(dim=1).clamp(min=1).to(out.device)
+        return beta * ratio_B
 
     return forward  # type: ignore[return-value]
 

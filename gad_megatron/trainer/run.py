@@ -185,12 +185,13 @@ def build_context(cfg: RunConfig, stage: str) -> tuple[StepContext, StepPlan, li
     if stage != "seqkd":
         d_frozen = stage == "gad" and t.freeze_discriminator
         d_dir = resolve_model_path(d_spec)
-        reference = ratio_reference(d_dir, t.disc_score, t.disc_ratio_beta)
+        reference = ratio_reference(d_dir, t.disc_score, t.disc_ratio_beta, t.disc_ratio_reduce)
         if reference is None:
             d_lm = load_discriminator(d_dir, dtype, seed=cfg.seed, **(overrides if d_frozen else trained))
         else:  # the likelihood-ratio D: an LM, scored against its frozen start
             d_lm = build_policy(d_dir, dtype, **(overrides if d_frozen else trained))
-            d_ratio = RatioScore(build_policy(reference, dtype, **overrides), reference, t.disc_ratio_beta)
+            d_ratio = RatioScore(build_policy(reference, dtype, **overrides), reference, t.disc_ratio_beta,
+                                 t.disc_ratio_reduce)
         if not d_frozen:
             d = build_actor(d_lm, t.disc_learning_rate, t.max_grad_norm, cfg.parallel.distributed_optimizer)
     # The KL reference computes exactly as G does (same precision: under fp8, a bf16 reference
@@ -311,7 +312,7 @@ def _export_hf(ctx: StepContext, out: Path, tokenizer: Any) -> Path:
     if ctx.d_lm is not None:
         export_hf(ctx.d_lm, None, out / DISCRIMINATOR_DIR, tokenizer)
     if torch.distributed.get_rank() == 0 and ctx.d_ratio is not None:
-        write_marker(out / DISCRIMINATOR_DIR, ctx.d_ratio.reference_dir, ctx.d_ratio.beta)
+        write_marker(out / DISCRIMINATOR_DIR, ctx.d_ratio.reference_dir, ctx.d_ratio.beta, ctx.d_ratio.reduce)
     if torch.distributed.get_rank() == 0:
         (out / COMPLETE_MARKER).write_text("complete\n")
     torch.distributed.barrier()

@@ -166,7 +166,7 @@ def _disc_inputs(ctx: StepContext, rows: Sequence[Sequence[int]], prompt_lengths
                 ratio.reference, micro_batches(sub, ctx.token_budget, ctx.width_multiple), len(missing))
         teacher_rows = [i for i in missing if i < n_p]
         ratio.remember([rows[i] for i in teacher_rows], reference[teacher_rows])
-    return batch, ops.ratio_score_forward(ctx.d_lm, ratio.beta, reference)
+    return batch, ops.ratio_score_forward(ctx.d_lm, ratio.beta, reference, ratio.reduce)
 
 
 def _disc_pass(ctx: StepContext, grouped: Sequence[ScoreBatch | TokenBatch] | None,
