@@ -179,7 +179,8 @@ def test_warmup_then_gad_and_layouts_train_as_one_process(tmp_path: Path, tiny_m
     assert margin(gad_rows[0]) > 0.5 * margin(warmup[-1])  # against itself, gad's D would start at 0
     saved = tmp_path / "one" / "warmup" / "final" / "discriminator"
     assert json.loads((saved / "gad_discriminator.json").read_text()) == {
-        "score": "likelihood_ratio", "beta": BETA, "reduce": "sum", "reference": str(tiny_model_dir.resolve())}  # fmt: skip
+        "score": "likelihood_ratio", "beta": BETA, "reduce": "sum",
+        "reference": str(tiny_model_dir.resolve())}  # fmt: skip
     assert json.loads((saved / "config.json").read_text())["architectures"][0].endswith("ForCausalLM")
     for name in LAYOUTS:
         for stage, one in (("warmup", warmup), ("gad", gad_rows)):

@@ -6,8 +6,9 @@ D keeps its causal-LM head and scores a response y to a prompt x by
 
 with ``pi_ref`` the frozen model D started from: DPO's implicit reward, 0 for every response at
 the start. ``train.disc_ratio_reduce: mean`` divides by y's token count (SimPO's length
-normalisation), so that a longer answer does not score higher for its length alone. The Bradley-Terry loss and everything downstream (rewards, pair accuracy) are those of
-the scalar-head D. The best such D is ``beta * log(p_teacher / p_student)`` up to a per-prompt
+normalisation), so that a longer answer does not score higher for its length alone. The
+Bradley-Terry loss and everything downstream (rewards, pair accuracy) are those of the
+scalar-head D. The best such D is ``beta * log(p_teacher / p_student)`` up to a per-prompt
 constant; on the quickstart's data it ranked 0.99 of held-out pairs (docs/benchmarks.md).
 
 A saved likelihood-ratio D is an HF causal LM plus :data:`MARKER`, which names its reference
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class RatioScore:
     """What turns D's LM into a score: its frozen reference, beta, the reduction over a response's
-    tokens (``sum`` or ``mean``), and the reference's log-likelihood of responses already seen (:meth:`remember`: the teacher's answers, scored
-    again every epoch)."""
+    tokens (``sum`` or ``mean``), and the reference's log-likelihood of responses already seen
+    (:meth:`remember`: the teacher's answers, scored again every epoch)."""
 
     reference: MegatronLM
     reference_dir: str  # where ``reference`` was loaded from: written to a saved D's marker
