@@ -12,8 +12,8 @@ scalar-head D. The best such D is ``beta * log(p_teacher / p_student)`` up to a 
 constant; on the quickstart's data it ranked 0.99 of held-out pairs (docs/benchmarks.md).
 
 A saved likelihood-ratio D is an HF causal LM plus :data:`MARKER`, which names its reference
-(an absolute path), beta and the reduction: the gad stage reads it to score with the warmup's D against the
-model that D started from, not against itself.
+(an absolute path), beta and the reduction: the gad stage reads it to score with the warmup's
+D against the model that D started from, not against itself.
 """
 
 from __future__ import annotations
