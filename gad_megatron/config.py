@@ -185,7 +185,8 @@ class TrainConfig(_Strict):
     warmup_until_d_acc: float | None = Field(
         None, gt=0.0, le=1.0, description="Warmup ends early once D's pair accuracy, averaged over the last "
         "3 steps, reaches this (max_steps and the epochs still cap it): GAD then starts from a D that tells "
-        "the teacher from the student. Default: off (the paper warms up for a fixed epoch).",
+        "the teacher from the student. Checked after the disc_only_steps, unless every step is D-only (G warmed "
+        "up elsewhere). Default: off (the paper warms up for a fixed epoch).",
     )
     disc_pretrain: DiscPretrainConfig = Field(
         default_factory=DiscPretrainConfig, description="Warmup only: D trained on cached rollouts of every "

@@ -106,7 +106,8 @@ def test_warmup_stops_once_d_is_accurate_never_before_g_trained(chained: dict, t
     """``warmup_until_d_acc``: the stage ends at the first step past ``disc_only_steps`` whose
     last-3-step mean pair accuracy reaches the target, and still exports final/ (GAD starts from
     it). The target is taken from an uninterrupted run (runs are deterministic): the mean that
-    step 3, a D-only step, already reaches, so stopping there would hand GAD the untrained G."""
+    step 3, a D-only step, already reaches, so stopping there would hand GAD the untrained G.
+    A warmup that is D-only throughout (G warmed up by SeqKD) stops at the first step that reaches it."""
     from gad_megatron.trainer.run import d_accuracy_reached
 
     assert not d_accuracy_reached([1.0, 1.0], 0.5) and not d_accuracy_reached([0.9] * 5, None)
@@ -124,6 +125,11 @@ def test_warmup_stops_once_d_is_accurate_never_before_g_trained(chained: dict, t
     assert [r["d_acc"] for r in rows] == accuracy[:stop]
     assert "sft_loss" in rows[-1], "G had its SFT steps before the warmup ended"
     assert (tmp_path / "early" / "warmup" / "final" / "COMPLETE").is_file()
+    # A warmup of D-only steps alone (G is warmed up elsewhere: the quickstart's SeqKD) stops at step 3.
+    ok(gad(chained["config"], "warmup", f"run_dir={tmp_path / 'd_only'}", "train.max_steps=6",
+           "train.disc_only_steps=6", "train.save_steps=100", f"train.warmup_until_d_acc={target}"))  # fmt: skip
+    assert [r["d_acc"] for r in metrics(tmp_path / "d_only" / "warmup")] == accuracy[:3]
+    assert (tmp_path / "d_only" / "warmup" / "final" / "COMPLETE").is_file()
     # Resumed after step 2, the window still holds steps 1-2: the stop comes at the same step.
     resumed = tmp_path / "resumed"
     ok(gad(chained["config"], "warmup", f"run_dir={resumed}", *sets[1:], "train.max_steps=2",

@@ -372,9 +372,10 @@ def train_stage(cfg: RunConfig, resume: str | None = None) -> Path:
                 metrics |= guard.observe(step, metrics)
             logger.log(step, metrics)
             d_accuracy.append(metrics.get("d_acc", 0.0))
-            # Never before G's first SFT step: GAD starts from (and is held near) warmup's G.
-            early = (stage == "warmup" and step > t.disc_only_steps
-                     and d_accuracy_reached(d_accuracy, t.warmup_until_d_acc))  # fmt: skip
+            # Never before G's first SFT step: GAD starts from (and is held near) warmup's G. A
+            # D-only warmup (G warmed up elsewhere, e.g. by SeqKD) may stop at any step.
+            g_waits = step <= t.disc_only_steps < plan.total_steps
+            early = stage == "warmup" and not g_waits and d_accuracy_reached(d_accuracy, t.warmup_until_d_acc)
             last = step == plan.total_steps or early
             stop = preemption.should_stop()
             if step % t.save_steps == 0 or stop or (last and t.keep_resume_states):
