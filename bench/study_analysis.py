@@ -1,6 +1,7 @@
 """Paired statistics and per-seed training curves of a finished context-distillation study.
 
     .venv/bin/python bench/study_analysis.py runs/context_distillation
+    .venv/bin/python bench/study_analysis.py runs/context_distillation --archive bench/results/study_ratio
 
 Reads each ``seed*/`` run's per-prompt evaluation details (``eval/<model>/test.jsonl``) and
 generations, splits the held-out prompts by set (the id's prefix: ``vicuna-``, ``mtbench-``),
@@ -11,13 +12,16 @@ McNemar's exact test on the style marker per seed and over all (seed, prompt) pa
 the teacher and KL per GAD step, one line per seed) next to the seeds. ``paired.md`` opens with
 each model's level per held-out set (mean over prompts, mean ± std over seeds). Repetition is
 seq-rep-4 of the response (the share of its word 4-grams that repeat), where a hacked
-generator's padding shows.
+generator's padding shows. ``--archive DIR`` also copies what the analysis reads (a few hundred
+KB per seed, no weights) to ``DIR``, which this script reads as it reads a study, so a study's
+seeds can be pooled again after its run directory is gone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -169,11 +173,30 @@ def analyse(root: Path) -> dict[str, Any]:
     return comparisons
 
 
+def archive(root: Path, dest: Path) -> list[Path]:
+    """Copy each finished seed's evaluation (results, per-prompt details, generations) and GAD's
+    metrics from ``root`` to ``dest``, keeping their paths; return the files written."""
+    wanted = ["eval/results.json", "eval/*/*.jsonl", "generations/*/*.jsonl", "gad/metrics.jsonl",
+              "frozen/gad/metrics.jsonl"]  # fmt: skip
+    written = []
+    for seed_dir in sorted(p for p in root.glob("seed*") if (p / "eval" / "results.json").is_file()):
+        for path in sorted({f for pattern in wanted for f in seed_dir.glob(pattern)}):
+            target = dest / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written.append(Path(shutil.copyfile(path, target)))
+    return written
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("root", type=Path, help="the study's --out directory")
-    root = ap.parse_args().root.resolve()
+    ap.add_argument("root", type=Path, help="the study's --out directory (or an --archive of one)")
+    ap.add_argument("--archive", type=Path, help="also copy what this analysis reads, per seed, to this directory")
+    a = ap.parse_args()
+    root = a.root.resolve()
     analyse(root)
+    if a.archive:
+        files = archive(root, a.archive.resolve())
+        print(f"archived {len(files)} files ({sum(f.stat().st_size for f in files) / 1e6:.1f} MB) to {a.archive}")
     print((root / "paired.md").read_text())
 
 

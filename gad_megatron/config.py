@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 DEFAULT_STUDENT = "smollm2-135m-instruct"
 
 
+RatioReduce = Literal["sum", "mean"]  # how the likelihood-ratio D reduces its log-ratio over a response
+
 class ConfigError(ValueError):
     """A configuration or input problem the user must fix (CLI exit code 2)."""
 
@@ -172,7 +174,7 @@ class TrainConfig(_Strict):
     )
     disc_ratio_beta: float = Field(0.1, gt=0.0, description="disc_score=likelihood_ratio: the scale beta of D's "
                                    "log-likelihood ratio (its scores, and so the rewards, are in units of beta nats).")
-    disc_ratio_reduce: Literal["sum", "mean"] = Field(
+    disc_ratio_reduce: RatioReduce = Field(
         "sum", description="disc_score=likelihood_ratio: the log-likelihood ratio over a response's tokens. sum "
         "(DPO's implicit reward) or mean per response token (SimPO's length-normalised form: an answer scores "
         "no higher for being longer). A mean is about 1/length of the sum: scale disc_ratio_beta up to match.",

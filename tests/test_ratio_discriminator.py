@@ -130,21 +130,21 @@ def test_a_discriminator_of_the_wrong_kind_is_refused(tmp_path: Path, tiny_model
 
     from gad_megatron.models.ratio_discriminator import ratio_reference, read_marker, write_marker
 
-    assert ratio_reference(tiny_model_dir, "head", 0.1) is None
-    assert ratio_reference(tiny_model_dir, "likelihood_ratio", 0.1) == str(tiny_model_dir)
+    assert ratio_reference(tiny_model_dir, "head", 0.1, "sum") is None
+    assert ratio_reference(tiny_model_dir, "likelihood_ratio", 0.1, "sum") == str(tiny_model_dir)
     head_d = tmp_path / "head_d"
     head_d.mkdir()
     (head_d / "config.json").write_text("{}")
     save_file({"score.weight": torch.zeros(1, 4)}, head_d / "model.safetensors")
     with pytest.raises(ConfigError, match="scalar-head discriminator"):
-        ratio_reference(head_d, "likelihood_ratio", 0.1)
+        ratio_reference(head_d, "likelihood_ratio", 0.1, "sum")
     ratio_d = tmp_path / "ratio_d"
     ratio_d.mkdir()
     save_file({"lm_head.weight": torch.zeros(8, 4)}, ratio_d / "model.safetensors")
     write_marker(ratio_d, tiny_model_dir, 0.1, "sum")
     with pytest.raises(ConfigError, match="set train.disc_score=likelihood_ratio"):
-        ratio_reference(ratio_d, "head", 0.1)
-    assert ratio_reference(ratio_d, "likelihood_ratio", 0.1) == str(tiny_model_dir.resolve())
+        ratio_reference(ratio_d, "head", 0.1, "sum")
+    assert ratio_reference(ratio_d, "likelihood_ratio", 0.1, "sum") == str(tiny_model_dir.resolve())
     assert not caplog.records
     ratio_reference(ratio_d, "likelihood_ratio", 0.1, "mean")  # learnt to rank sums: a warning, not a refusal
     assert "disc_ratio_reduce=mean" in caplog.text and "learnt with sum" in caplog.text
@@ -153,7 +153,7 @@ def test_a_discriminator_of_the_wrong_kind_is_refused(tmp_path: Path, tiny_model
     assert read_marker(ratio_d)["reduce"] == "sum"
     write_marker(ratio_d, tmp_path / "gone", 0.1, "sum")
     with pytest.raises(ConfigError, match="is gone"):
-        ratio_reference(ratio_d, "likelihood_ratio", 0.1)
+        ratio_reference(ratio_d, "likelihood_ratio", 0.1, "sum")
 
 
 LAYOUTS = {"tp2": ["parallel.tensor_parallel=2"], "pp2": ["parallel.pipeline_parallel=2"]}

@@ -83,6 +83,23 @@ def test_paired_differences_per_held_out_set(study: Path, monkeypatch: pytest.Mo
     assert (study / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_an_archive_is_analysed_as_the_study_was(study: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))
+    from study_analysis import analyse, archive
+
+    (study / "seed0" / "gad" / "model.safetensors").write_bytes(b"weights")  # not archived
+    kept = tmp_path_factory.mktemp("archive")
+    written = archive(study, kept)
+    tags = ("frozen-gad-final", "gad-final", "seqkd-final")
+    assert sorted(p.relative_to(kept / "seed1").as_posix() for p in written if "seed1" in p.parts) == sorted(
+        ["eval/results.json", "gad/metrics.jsonl", "frozen/gad/metrics.jsonl"]
+        + [f"{kind}/{tag}/test.jsonl" for kind in ("eval", "generations") for tag in tags])
+    assert not (kept / "seed0" / "gad" / "model.safetensors").exists() and not (kept / "seed2").exists()
+    assert analyse(kept) == analyse(study)
+    assert json.loads((kept / "paired.json").read_text()) == json.loads((study / "paired.json").read_text())
+
+
 def test_each_seed_is_judged_when_the_study_has_a_judge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.syspath_prepend(str(BENCH))
     from context_distillation import main_parser, seed_config

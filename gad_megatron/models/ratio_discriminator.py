@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from gad_megatron.config import ConfigError
+from gad_megatron.config import ConfigError, RatioReduce
 from gad_megatron.models.convert import HFWeights
 from gad_megatron.models.policy import MegatronLM
 
@@ -44,7 +44,7 @@ class RatioScore:
     reference: MegatronLM
     reference_dir: str  # where ``reference`` was loaded from: written to a saved D's marker
     beta: float
-    reduce: str = "sum"
+    reduce: RatioReduce
     known: dict[bytes, float] = field(default_factory=dict)
 
     @staticmethod
@@ -63,12 +63,12 @@ def read_marker(d_dir: str | Path) -> dict[str, Any] | None:
     return {"reduce": "sum", **json.loads(path.read_text())} if path.is_file() else None
 
 
-def write_marker(d_dir: str | Path, reference: str | Path, beta: float, reduce: str) -> None:
+def write_marker(d_dir: str | Path, reference: str | Path, beta: float, reduce: RatioReduce) -> None:
     marker = {"score": "likelihood_ratio", "beta": beta, "reduce": reduce, "reference": str(Path(reference).resolve())}
     (Path(d_dir) / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
 
 
-def ratio_reference(d_dir: str | Path, disc_score: str, beta: float, reduce: str = "sum") -> str | None:
+def ratio_reference(d_dir: str | Path, disc_score: str, beta: float, reduce: RatioReduce) -> str | None:
     """The frozen reference of the D in ``d_dir`` under ``disc_score``: the one its marker names,
     else ``d_dir`` itself (a fresh D: pi_D = pi_ref). None for a scalar-head D. Refuses a saved D
     of the other kind (it would be silently re-headed or read as an LM); warns when ``beta`` or

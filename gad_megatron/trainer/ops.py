@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import torch
 
+from gad_megatron.config import RatioReduce
 from gad_megatron.loss import DISC_LOSSES, disc_score_grads, policy_loss, vocab_parallel_logprobs
 from gad_megatron.models.discriminator import stage_forward
 from gad_megatron.models.policy import MegatronLM, broadcast_from_last_stage, model_device
@@ -170,7 +171,7 @@ def response_logprob_sums(lm: MegatronLM, micro: Sequence[TokenBatch], total_row
     return broadcast_from_last_stage(sums, sums.shape, sums.dtype).cpu()
 
 
-def ratio_score_forward(lm: MegatronLM, beta: float, reference_sums: torch.Tensor, reduce: str = "sum") -> DForward:
+def ratio_score_forward(lm: MegatronLM, beta: float, reference_sums: torch.Tensor, reduce: RatioReduce) -> DForward:
     """The likelihood-ratio D's :data:`DForward`: ``beta * (log pi_D(response) - reference_sums[row])``
     for rows of a :class:`TokenBatch`, divided by the row's response tokens when ``reduce`` is
     ``mean``; ``reference_sums`` [rows] the frozen reference's :func:`response_logprob_sums` of the
