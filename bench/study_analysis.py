@@ -12,8 +12,8 @@ McNemar's exact test on the style marker per seed and over all (seed, prompt) pa
 the teacher and KL per GAD step, one line per seed) next to the seeds. ``paired.md`` opens with
 each model's level per held-out set (mean over prompts, mean ± std over seeds). Repetition is
 seq-rep-4 of the response (the share of its word 4-grams that repeat), where a hacked
-generator's padding shows. ``--archive DIR`` also copies what the analysis reads (a few hundred
-KB per seed, no weights) to ``DIR``, which this script reads as it reads a study, so a study's
+generator's padding shows. ``--archive DIR`` also copies what the analysis reads (under 1 MB
+a seed, no weights) to ``DIR``, which this script reads as it reads a study, so a study's
 seeds can be pooled again after its run directory is gone.
 """
 
@@ -154,9 +154,14 @@ def plot_curves(seed_dirs: list[Path], out: Path) -> Path:
     return out
 
 
+def finished_seeds(root: Path) -> list[Path]:
+    """The ``seed*`` runs under ``root`` whose evaluation finished (``eval/results.json``)."""
+    return sorted(p for p in root.glob("seed*") if (p / "eval" / "results.json").is_file())
+
+
 def analyse(root: Path) -> dict[str, Any]:
     """Write paired.json, paired.md and training_curves.png under ``root``; return the comparisons."""
-    seed_dirs = sorted(p for p in root.glob("seed*") if (p / "eval" / "results.json").is_file())
+    seed_dirs = finished_seeds(root)
     if not seed_dirs:
         raise SystemExit(f"{root}: no seed*/eval/results.json")
     models = json.loads((seed_dirs[0] / "eval" / "results.json").read_text())["models"]
@@ -179,7 +184,7 @@ def archive(root: Path, dest: Path) -> list[Path]:
     wanted = ["eval/results.json", "eval/*/*.jsonl", "generations/*/*.jsonl", "gad/metrics.jsonl",
               "frozen/gad/metrics.jsonl"]  # fmt: skip
     written = []
-    for seed_dir in sorted(p for p in root.glob("seed*") if (p / "eval" / "results.json").is_file()):
+    for seed_dir in finished_seeds(root):
         for path in sorted({f for pattern in wanted for f in seed_dir.glob(pattern)}):
             target = dest / path.relative_to(root)
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ DEFAULT_STUDENT = "smollm2-135m-instruct"
 
 RatioReduce = Literal["sum", "mean"]  # how the likelihood-ratio D reduces its log-ratio over a response
 
+
 class ConfigError(ValueError):
     """A configuration or input problem the user must fix (CLI exit code 2)."""
 
